@@ -1,0 +1,142 @@
+"""A pass is a small dataclass: a registered name, typed options, and ``run`` that rewrites a Program.
+
+Options are dataclass fields; their type hints drive parsing from pipeline text and validation, so
+``factorize{keep=0.5}`` and ``Factorize(keep=0.5)`` are the same thing and fail the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping
+
+from ..errors import PipelineError
+from ..ir.program import Program
+
+PASSES: dict[str, type["Pass"]] = {}
+
+
+@dataclass
+class PassContext:
+    """What a pass may consult besides the program: the hardware profile, calibration data, and the report."""
+
+    profile: Any = None  # a slimfx.hw_profiles Profile, or None for "no cost gating"
+    calibration: Any = None  # iterable of input tuples, or None
+    notes: list[str] = field(default_factory=list)
+    cache: dict[str, Any] = field(default_factory=dict)  # shared analyses (e.g. activation statistics)
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+@dataclass
+class Pass:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    exact: ClassVar[bool] = False  # promises the outputs do not change (checked by the manager)
+
+    def validate(self) -> None:
+        """Raise PipelineError naming the option to change. Called on construction."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def run(self, program: Program, ctx: PassContext) -> Counter:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        changed = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        ]
+        return f"{self.name}{{{','.join(changed)}}}" if changed else self.name
+
+    def invalid(self, option: str, message: str) -> PipelineError:
+        return PipelineError(f"{self.name}: option {option}={getattr(self, option)!r} {message}")
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    if not cls.name or cls.name in PASSES:
+        raise ValueError(f"pass name {cls.name!r} is empty or taken")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def options_of(cls: type[Pass]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def describe_options(cls: type[Pass]) -> str:
+    parts = []
+    for f in dataclasses.fields(cls):
+        parts.append(f"{f.name}: {_type_name(options_of(cls)[f.name])} = {f.default!r}")
+    return ", ".join(parts) or "(no options)"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    args = typing.get_args(tp)
+    if args:
+        return " | ".join(_type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(tp: Any, text: Any, where: str) -> Any:
+    """Convert an option value (text from a pipeline string, or a Python value) to the declared type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        for choice in args:
+            if str(choice) == str(text):
+                return choice
+        raise PipelineError(f"{where} must be one of {', '.join(map(repr, args))}, got {text!r}")
+    if args and type(None) in args:  # Optional[X]
+        if text is None or (isinstance(text, str) and text.lower() in ("none", "")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in inner:
+            try:
+                return convert(candidate, text, where)
+            except PipelineError as exc:
+                errors.append(str(exc))
+        raise PipelineError(errors[-1])
+    try:
+        if tp is bool:
+            if isinstance(text, bool):
+                return text
+            if str(text).lower() in ("true", "1", "yes"):
+                return True
+            if str(text).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(text, float) and not text.is_integer():
+                raise ValueError
+            return int(str(text)) if not isinstance(text, (int, float)) else int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return str(text)
+    except (TypeError, ValueError):
+        raise PipelineError(f"{where} expects {_type_name(tp)}, got {text!r}") from None
+    return text
+
+
+def make_pass(name: str, options: Mapping[str, Any]) -> Pass:
+    cls = PASSES.get(name)
+    if cls is None:
+        close = difflib.get_close_matches(name, PASSES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise PipelineError(f"unknown pass {name!r}.{hint} Known passes: {', '.join(sorted(PASSES))}")
+    declared = options_of(cls)
+    values = {}
+    for key, raw in options.items():
+        if key not in declared:
+            raise PipelineError(f"pass {name!r} has no option {key!r}; its options are: {describe_options(cls)}")
+        values[key] = convert(declared[key], raw, f"{name}: option {key}")
+    return cls(**values)

@@ -1,0 +1,160 @@
+"""Runs passes in order; after each one: recompile, re-derive metadata, verify, measure, and check numerics."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import NumericalMismatchError
+from ..hw_profiles.op_costs import program_flops
+from ..ir.fake_prop import refresh_metadata
+from ..ir.program import Program
+from ..ir.verify import verify
+from .base import Pass, PassContext
+from .pipeline import PipelineSpec, parse_pipeline
+
+
+@dataclass
+class PassRecord:
+    name: str
+    rewrites: dict[str, int]
+    params_before: int
+    params_after: int
+    flops_before: float
+    flops_after: float
+    weight_bytes_after: int
+    seconds: float
+    rel_error: float | None = None  # max relative L2 error of outputs vs the original, on the check inputs
+
+
+@dataclass
+class Report:
+    pipeline: str
+    passes: list[PassRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: float = 0.0
+    flops_after: float = 0.0
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    cost: Any = None  # filled by the cost model when a profile is given
+
+    def rewrites(self, name: str) -> dict[str, int]:
+        """Rewrite counts of the first pass called ``name`` (e.g. ``report.rewrites("fold-bn")``)."""
+        for record in self.passes:
+            if record.name.split("{")[0] == name:
+                return record.rewrites
+        raise KeyError(f"no pass {name!r} ran; ran: {[r.name for r in self.passes]}")
+
+    def merge(self, other: "Report") -> None:
+        """Fold another graph's report in (one per Dynamo subgraph)."""
+        self.passes.extend(other.passes)
+        self.notes.extend(other.notes)
+        for key in ("params_before", "params_after", "flops_before", "flops_after",
+                    "weight_bytes_before", "weight_bytes_after"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"pipeline: {self.pipeline or '(empty)'}"]
+        header = f"  {'pass':<28} {'rewrites':<30} {'params':>21} {'MFLOPs':>19} {'rel err':>9}"
+        lines.append(header)
+        for r in self.passes:
+            rw = ", ".join(f"{k}={v}" for k, v in sorted(r.rewrites.items())) or "-"
+            err = f"{r.rel_error:.2e}" if r.rel_error is not None else "-"
+            lines.append(
+                f"  {r.name:<28} {rw:<30} {r.params_before:>10,}->{r.params_after:<10,}"
+                f" {r.flops_before / 1e6:>9.3f}->{r.flops_after / 1e6:<9.3f} {err:>9}"
+            )
+        ratio = self.weight_bytes_after / self.weight_bytes_before if self.weight_bytes_before else 1.0
+        lines.append(
+            f"  total: params {self.params_before:,} -> {self.params_after:,}, weight bytes "
+            f"{self.weight_bytes_before:,} -> {self.weight_bytes_after:,} ({ratio:.1%}), "
+            f"MFLOPs {self.flops_before / 1e6:.3f} -> {self.flops_after / 1e6:.3f}"
+        )
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def relative_error(reference: Any, actual: Any) -> float:
+    """Max over output tensors of ||actual - reference|| / ||reference||."""
+    ref_leaves = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
+    act_leaves = [t for t in pytree.tree_leaves(actual) if isinstance(t, torch.Tensor)]
+    if len(ref_leaves) != len(act_leaves):
+        return float("inf")
+    worst = 0.0
+    for r, a in zip(ref_leaves, act_leaves):
+        if r.shape != a.shape:
+            return float("inf")
+        if not r.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(r, a) else float("inf"))
+            continue
+        denom = r.double().norm().item() or 1.0
+        worst = max(worst, (a.double() - r.double()).norm().item() / denom)
+    return worst
+
+
+class PassManager:
+    """``PassManager("dead-code,fold-bn").run(program)``.
+
+    ``check=True`` runs the program on its example inputs after every pass and records the error against the
+    original; an ``exact`` pass whose error exceeds ``exact_rtol`` raises, naming the pass.
+    ``on_pass(pass_, program)`` is called after each pass (``slimfx explain`` prints the IR there).
+    """
+
+    def __init__(self, pipeline: PipelineSpec, *, check: bool = True, exact_rtol: float = 1e-5,
+                 on_pass: Callable[[Pass, Program], None] | None = None):
+        self.passes = parse_pipeline(pipeline)
+        self.check = check
+        self.exact_rtol = exact_rtol
+        self.on_pass = on_pass
+
+    def run(self, program: Program, ctx: PassContext | None = None) -> Report:
+        ctx = ctx or PassContext()
+        report = Report(pipeline=",".join(str(p) for p in self.passes))
+        report.params_before = program.parameter_count()
+        report.weight_bytes_before = program.weight_bytes()
+        report.flops_before = program_flops(program.graph)
+        reference = self._outputs(program) if self.check else None
+        for pass_ in self.passes:
+            params, flops = program.parameter_count(), program_flops(program.graph)
+            start = time.perf_counter()
+            with torch.no_grad():
+                counts = pass_.run(program, ctx)
+            program.gm.recompile()
+            refresh_metadata(program)
+            verify(program)
+            record = PassRecord(
+                name=str(pass_), rewrites=dict(counts), params_before=params,
+                params_after=program.parameter_count(), flops_before=flops,
+                flops_after=program_flops(program.graph), weight_bytes_after=program.weight_bytes(),
+                seconds=time.perf_counter() - start,
+            )
+            if reference is not None:
+                record.rel_error = relative_error(reference, self._outputs(program))
+                if pass_.exact and record.rel_error > self.exact_rtol:
+                    raise NumericalMismatchError(
+                        f"pass {pass_} promises exact results but changed the outputs by {record.rel_error:.3g} "
+                        f"(relative, tolerance {self.exact_rtol:g}); this is a slimfx bug, please report it with the model"
+                    )
+            report.passes.append(record)
+            if self.on_pass is not None:
+                self.on_pass(pass_, program)
+        report.notes.extend(ctx.notes)
+        report.params_after = program.parameter_count()
+        report.weight_bytes_after = program.weight_bytes()
+        report.flops_after = program_flops(program.graph)
+        return report
+
+    @staticmethod
+    def _outputs(program: Program) -> Any:
+        with torch.no_grad():
+            return pytree.tree_map(
+                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, program.run_example()
+            )

@@ -43,7 +43,7 @@ def _transposed_weight(program: Program, node: Any) -> fx.Node | None:
         return None
     src = node.args[0] if node.args else None
     is_t = (
-        (node.op == CF and node.target in (torch.t, aten.t.default, torch.Tensor.t))
+        (node.op == CF and node.target in (torch.t, aten.t.default, aten.numpy_T.default, torch.Tensor.t))
         or (node.op == CM and node.target == "t")
         or (node.op == CF and node.target is getattr and node.args[1:] == ("T",))
         or (node.op == CF and node.target == aten.permute.default and list(node.args[1]) == [1, 0])

@@ -53,8 +53,8 @@ def check_model_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
 def _dynamic_shapes(args: tuple, dynamic: bool) -> Any:
     if not dynamic:
         return None
-    auto = torch.export.Dim.AUTO
-    return pytree.tree_map(lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None, args)
+    auto = torch.export.Dim.AUTO  # sizes 0/1 would be specialized anyway (with a warning): leave them static
+    return pytree.tree_map(lambda t: {i: auto for i in range(t.dim()) if t.shape[i] > 1} if isinstance(t, torch.Tensor) else None, args)
 
 
 def capture(
@@ -70,7 +70,9 @@ def capture(
     sequence lengths.
     """
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
-    was_training = model.training if isinstance(model, torch.nn.Module) else False
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    was_training = model.training
     try:
         model.eval()
         check_model_runs(model, args, kwargs)
@@ -84,7 +86,8 @@ def capture(
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CaptureError(
                 f"could not trace {type(model).__name__} into one graph with torch.export(strict=False): {first}. "
-                "Remove data-dependent Python control flow from forward (branching on tensor values), or use "
+                "Make forward traceable (no Python branching on tensor values; outputs made of tensors, tuples, "
+                "lists, dicts or dataclasses, e.g. use_cache=False for Hugging Face models), or use "
                 "torch.compile(model, backend='slimfx'), which compresses each subgraph around graph breaks."
             ) from exc
     finally:
@@ -129,8 +132,10 @@ def from_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program:
     program = Program(gm, {}, tuple(example_inputs), frontend="dynamo", keep_signature=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    for node in gm.graph.nodes:  # Dynamo records fake values as "example_value"; the IR's key is "val"
+        if "example_value" in node.meta:
+            node.meta.setdefault("val", node.meta["example_value"])
     for node, value in zip(placeholders, example_inputs):
-        node.meta["val"] = node.meta.get("example_value", node.meta.get("val"))
         origin = _weight_origin(node, value, flat_to_fqn) if isinstance(value, torch.Tensor) else None
         if origin is None or not node.users:
             continue
@@ -141,6 +146,7 @@ def from_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program:
         program.weights[name] = WeightInfo(origin=origin)
         with gm.graph.inserting_before(first_op):
             attr = gm.graph.get_attr(name)
+        attr.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(attr)
         node.meta["slimfx_weight_placeholder"] = origin
     canonicalize(program)

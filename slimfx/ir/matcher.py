@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
+import torch
 import torch.fx as fx
 
 if TYPE_CHECKING:
@@ -52,9 +53,13 @@ class Matcher:
                     continue
                 if replacement is not node:
                     replacement.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
+                    if "val" in node.meta:  # same value by contract: later rules in this sweep may read it
+                        replacement.meta.setdefault("val", node.meta["val"])
                     node.replace_all_uses_with(replacement)
                     if not node.users:
                         graph.erase_node(node)
+                    if isinstance(replacement.target, torch._ops.OpOverload):
+                        replacement._rename(replacement.target._opname)  # %conv2d, not %conv2d_default
                 counts[rule.name] += 1
                 break
         return counts

@@ -62,9 +62,10 @@ class Program:
 
     def add_weight(self, hint: str, value: torch.Tensor, origin: str, pass_name: str) -> fx.Node:
         """Register a new (derived) weight and return a ``get_attr`` node for it, inserted at the insert point."""
-        name = f"_slimfx_{re.sub(r'[^0-9a-zA-Z_]', '_', hint)}_{next(self._ids)}"
+        base = re.sub(r"[^0-9a-zA-Z_]", "_", hint)
+        name = base if base[:1].isalpha() else f"w{base}"
         while hasattr(self.gm, name):
-            name = f"{name}_"
+            name = f"{base}_{next(self._ids)}"
         self.gm.register_buffer(name, value.detach().contiguous(), persistent=True)
         self.weights[name] = WeightInfo(origin=origin, derived_by=pass_name)
         node = self.graph.get_attr(name)

@@ -42,6 +42,7 @@ class Report:
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     cost: Any = None  # filled by the cost model when a profile is given
+    final_rel_error: float | None = None  # compressed vs original model on the example inputs
 
     def rewrites(self, name: str) -> dict[str, int]:
         """Rewrite counts of the first pass called ``name`` (e.g. ``report.rewrites("fold-bn")``)."""
@@ -78,6 +79,8 @@ class Report:
             f"{self.weight_bytes_before:,} -> {self.weight_bytes_after:,} ({ratio:.1%}), "
             f"MFLOPs {self.flops_before / 1e6:.3f} -> {self.flops_after / 1e6:.3f}"
         )
+        if self.final_rel_error is not None:
+            lines.append(f"  output error vs original (relative L2): {self.final_rel_error:.3e}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 

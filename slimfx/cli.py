@@ -1,0 +1,154 @@
+"""``slimfx``: compress, explain (print the IR after every pass), demo, and list passes."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from .errors import SlimfxError
+
+DEMO_PIPELINE = "dead-code,fold-bn"
+
+
+def load_model(spec: str, input_shape: str | None) -> tuple[torch.nn.Module, tuple, Any]:
+    """A built-in model name (trained on the digits data) or ``package.module:factory``.
+
+    The factory returns a model, or ``(model, example_inputs)``; with a bare model pass ``--input-shape``.
+    Returns (model, example inputs, evaluation data or None).
+    """
+    from .models import ZOO, pretrained
+
+    if spec in ZOO:
+        model, data = pretrained(spec)
+        return model, (data.test_x[:32],), data
+    if ":" not in spec:
+        raise SlimfxError(f"unknown model {spec!r}: use a built-in one ({', '.join(ZOO)}) or package.module:factory")
+    module_name, _, attr = spec.partition(":")
+    try:
+        made = getattr(importlib.import_module(module_name), attr)()
+    except (ImportError, AttributeError) as exc:
+        raise SlimfxError(f"cannot load {spec!r}: {exc}; check the module path and the factory name") from exc
+    if isinstance(made, tuple):
+        model, example = made
+        return model, example if isinstance(example, tuple) else (example,), None
+    if input_shape is None:
+        raise SlimfxError(f"{spec} returned a bare model: pass --input-shape, e.g. --input-shape 1,3,224,224")
+    shape = [int(s) for s in input_shape.split(",")]
+    return made, (torch.randn(*shape),), None
+
+
+def _accuracy_line(label: str, model: Any, data: Any) -> str:
+    from .models import evaluate
+
+    acc, loss = evaluate(model, data.test_x, data.test_y)
+    return f"{label:<11} accuracy {acc:.2%}  loss {loss:.4f}  (held-out digits, n={len(data.test_y)})"
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .api import compress
+
+    model, example, data = load_model(args.model, args.input_shape)
+    calibration = [(data.train_x[i : i + 64],) for i in range(0, 512, 64)] if data is not None else None
+    result = compress(model, example, pipeline=args.pipeline, profile=args.profile, calibration=calibration)
+    print(result.report.summary())
+    if data is not None:
+        print(_accuracy_line("original", model, data))
+        print(_accuracy_line("compressed", result, data))
+    if args.out:
+        torch.save(result.state_dict(), args.out)
+        print(f"compressed weights written to {args.out}")
+    if args.report_json:
+        with open(args.report_json, "w") as fh:
+            json.dump(result.report.to_dict(), fh, indent=2, default=str)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .api import compress
+
+    model, example, data = load_model(args.model, args.input_shape)
+    from .ir import capture
+
+    print("== captured ==")
+    print(capture(model, example).print())
+
+    def show(pass_: Any, program: Any) -> None:
+        print(f"\n== after {pass_} ==")
+        print(program.print())
+
+    calibration = [(data.train_x[i : i + 64],) for i in range(0, 512, 64)] if data is not None else None
+    result = compress(model, example, pipeline=args.pipeline, profile=args.profile, calibration=calibration,
+                      on_pass=show)
+    print()
+    print(result.report.summary())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print(f"training {args.model} on the UCI handwritten digits (real data, shipped with slimfx)...")
+    args.input_shape, args.out, args.report_json = None, None, None
+    return cmd_compress(args)
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from .passes import PASSES, describe_options
+
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        print(f"{name:<12} {cls.summary}{'  [exact]' if cls.exact else ''}")
+        print(f"{'':<12} options: {describe_options(cls)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimfx", description="Compress PyTorch models with torch.fx passes checked against a hardware cost model."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser, default_pipeline: str) -> None:
+        p.add_argument("--pipeline", default=default_pipeline,
+                       help=f'passes to run, e.g. "fold-bn,dead-code" (default: "{default_pipeline}")')
+        p.add_argument("--profile", default=None, help="hardware profile name or file (see `slimfx profile list`)")
+        p.add_argument("--input-shape", default=None, help="example input shape for a factory model, e.g. 1,3,224,224")
+
+    p = sub.add_parser("compress", help="compress a model and print the report")
+    p.add_argument("model", help="built-in model (digits-cnn, digits-mlp, digits-transformer) or package.module:factory")
+    model_args(p, DEMO_PIPELINE)
+    p.add_argument("--out", help="write the compressed module's state_dict here")
+    p.add_argument("--report-json", help="write the report as JSON here")
+    p.set_defaults(fn=cmd_compress)
+
+    p = sub.add_parser("explain", help="print the IR after capture and after every pass")
+    p.add_argument("model", help="built-in model or package.module:factory")
+    model_args(p, DEMO_PIPELINE)
+    p.set_defaults(fn=cmd_explain)
+
+    p = sub.add_parser("demo", help="train a small model on real data, compress it, and compare accuracy")
+    p.add_argument("--model", default="digits-cnn", help="built-in model to train (default: digits-cnn)")
+    p.add_argument("--pipeline", default=DEMO_PIPELINE, help=f"passes to run (default: {DEMO_PIPELINE})")
+    p.add_argument("--profile", default=None, help="hardware profile name or file")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("passes", help="list the registered passes and their options")
+    p.set_defaults(fn=cmd_passes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    try:
+        return args.fn(args)
+    except SlimfxError as exc:
+        print(f"slimfx: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits_cnn():
+    from slimfx.models import pretrained
+
+    return pretrained("digits-cnn")
+
+
+@pytest.fixture(scope="session")
+def digits_mlp():
+    from slimfx.models import pretrained
+
+    return pretrained("digits-mlp")
+
+
+@pytest.fixture(scope="session")
+def digits_transformer():
+    from slimfx.models import pretrained
+
+    return pretrained("digits-transformer")
+
+
+def hf_models():
+    """Tiny Hugging Face models built from configs (no downloads): (name, model, input_ids)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 12))
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(
+        use_cache=False, n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0))
+    bert = transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    return [("gpt2", gpt2.eval(), ids), ("bert", bert.eval(), ids)]

@@ -1,0 +1,145 @@
+"""The three entry points: torch.compile backend, slimfx.compress, and the CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import hf_models
+from nets import GraphBreakNet, SmallResNet, randomize_bn
+
+import slimfx
+from slimfx.cli import main
+from slimfx.errors import PipelineError
+from slimfx.models import DigitsTransformer, evaluate
+from slimfx.passes import Report
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_backend_resnet_block_matches_eager_and_folds_every_bn(inductor):
+    model = randomize_bn(SmallResNet())
+    report = Report("")
+    compiled = torch.compile(model, backend="slimfx",
+                             options={"pipeline": "dead-code,fold-bn", "report": report, "inductor": inductor})
+    with torch.no_grad():
+        for batch in (2, 3, 5):  # a second size recompiles once with symbolic sizes, the third reuses it
+            x = torch.randn(batch, 3, 16, 16)
+            assert rel_err(compiled(x), model(x)) < 1e-5
+    assert sum(r.rewrites.get("conv-bn", 0) for r in report.passes) == 7 * 2  # static graph + dynamic graph
+
+
+def test_backend_transformer_block_and_graph_break():
+    model = DigitsTransformer().eval()
+    report = Report("")
+    compiled = torch.compile(model, backend="slimfx", options={"report": report, "inductor": False})
+    with torch.no_grad():
+        x = torch.rand(4, 1, 8, 8)
+        assert rel_err(compiled(x), model(x)) < 1e-5
+
+    torch._dynamo.reset()
+    breaking = randomize_bn(GraphBreakNet())
+    report = Report("")
+    compiled = torch.compile(breaking, backend="slimfx", options={"report": report})
+    with torch.no_grad():
+        for batch in (2, 6):
+            x = torch.randn(batch, 3, 8, 8)
+            assert rel_err(compiled(x), breaking(x)) < 1e-5
+    assert sum(r.rewrites.get("conv-bn", 0) for r in report.passes) >= 1
+
+
+def test_backend_rejects_bad_options_with_a_clear_message():
+    model = nn.Linear(4, 4)
+    with pytest.raises(Exception, match="unknown slimfx backend option"):
+        torch.compile(model, backend="slimfx", options={"pipelin": "fold-bn"})(torch.randn(2, 4))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown pass 'fold'"):
+        torch.compile(model, backend="slimfx", options={"pipeline": "fold"})(torch.randn(2, 4))
+
+
+def test_backend_on_hugging_face_models():
+    for _, model, ids in hf_models():
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="slimfx", options={"inductor": False})
+        with torch.no_grad():
+            assert rel_err(compiled(ids).last_hidden_state, model(ids).last_hidden_state) < 1e-5
+
+
+def test_compress_resnet_matches_eager_and_reports(digits_cnn):
+    model = randomize_bn(SmallResNet())
+    x = torch.randn(3, 3, 16, 16)
+    result = slimfx.compress(model, (x,), pipeline="dead-code,fold-bn")
+    assert isinstance(result, slimfx.CompressedModule)
+    assert result.report.rewrites("fold-bn") == {"conv-bn": 7}
+    assert result.report.final_rel_error < 1e-5
+    assert rel_err(result(torch.randn(6, 3, 16, 16) * 0 + x[:1]), model(x[:1]).expand(6, -1)) < 1e-5
+    assert "fold-bn" in result.report.summary()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.modules())
+
+    cnn, data = digits_cnn
+    compressed = slimfx.compress(cnn, (data.test_x[:16],))
+    acc, loss = evaluate(cnn, data.test_x, data.test_y)
+    acc_c, loss_c = evaluate(compressed, data.test_x, data.test_y)
+    assert acc > 0.95 and acc_c == acc and abs(loss - loss_c) < 1e-4
+
+
+def test_compress_hf_keeps_output_structure():
+    _, model, ids = hf_models()[1]
+    result = slimfx.compress(model, (ids,))
+    out = result(torch.randint(0, 100, (1, 5)))
+    ref = model(out.last_hidden_state.new_zeros(1, 5, dtype=torch.long) + torch.randint(0, 100, (1, 5)) * 0)
+    assert type(out).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions"
+    assert out.last_hidden_state.shape == ref.last_hidden_state.shape == (1, 5, 32)
+
+
+def test_compress_falls_back_around_graph_breaks():
+    model = randomize_bn(GraphBreakNet())
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(UserWarning, match="Falling back"):
+        result = slimfx.compress(model, (x,), pipeline="fold-bn")
+    assert result.program is None
+    assert result.report.final_rel_error < 1e-5
+    assert sum(r.rewrites.get("conv-bn", 0) for r in result.report.passes) == 1
+    with torch.no_grad():
+        assert rel_err(result(-x), model(-x)) < 1e-5
+
+
+def test_compress_rejects_bad_pipeline_before_doing_work():
+    with pytest.raises(PipelineError, match="Known passes"):
+        slimfx.compress(nn.Linear(2, 2), (torch.randn(1, 2),), pipeline="shrink")
+
+
+def test_golden_print():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                       nn.Flatten(), nn.Linear(64, 3)))
+    program = slimfx.capture(model, (torch.randn(2, 1, 4, 4),), dynamic=False)
+    slimfx.PassManager("fold-bn").run(program)
+    with open("tests/golden/conv_bn_linear_folded.txt") as fh:
+        assert program.print() == fh.read().rstrip("\n")
+
+
+def test_cli_demo_and_errors(capsys):
+    assert main(["demo", "--model", "digits-mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "original    accuracy" in out and "compressed  accuracy" in out
+    assert main(["compress", "digits-mlp", "--pipeline", "nope"]) == 2
+    assert "unknown pass 'nope'" in capsys.readouterr().err
+    assert main(["passes"]) == 0
+    assert "fold-bn" in capsys.readouterr().out
+
+
+def test_cli_help_runs_as_a_program():
+    out = subprocess.run([sys.executable, "-m", "slimfx.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "compress" in out.stdout and "explain" in out.stdout and "demo" in out.stdout

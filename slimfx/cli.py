@@ -104,6 +104,32 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .hw_profiles import builtin_profiles, load_profile
+    from .hw_profiles.profiles import to_toml
+
+    if args.action == "list":
+        for name in builtin_profiles():
+            print(f"{name:<12} {load_profile(name).description}")
+        return 0
+    if args.action == "show":
+        if not args.name:
+            raise SlimfxError("slimfx profile show needs a profile name or file, e.g. slimfx profile show h100")
+        print(to_toml(load_profile(args.name)), end="")
+        return 0
+    from .hw_profiles.calibrate import calibrate
+
+    profile = calibrate(device=args.device, name=args.name)
+    text = to_toml(profile)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+        print(f"wrote {args.out}; use it with --profile {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slimfx", description="Compress PyTorch models with torch.fx passes checked against a hardware cost model."
@@ -133,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default=DEMO_PIPELINE, help=f"passes to run (default: {DEMO_PIPELINE})")
     p.add_argument("--profile", default=None, help="hardware profile name or file")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("profile", help="hardware profiles: list, show, or calibrate this machine")
+    p.add_argument("action", choices=["list", "show", "calibrate"])
+    p.add_argument("name", nargs="?", help="show: profile name or file; calibrate: name for the new profile")
+    p.add_argument("--out", help="calibrate: write the profile here (TOML)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="calibrate: device to measure (default: cuda if present)")
+    p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("passes", help="list the registered passes and their options")
     p.set_defaults(fn=cmd_passes)

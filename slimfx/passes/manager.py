@@ -9,7 +9,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import NumericalMismatchError
-from ..hw_profiles.op_costs import program_flops
+from ..hw_profiles.op_costs import program_cost, program_flops
 from ..ir.fake_prop import refresh_metadata
 from ..ir.program import Program
 from ..ir.verify import verify
@@ -28,6 +28,8 @@ class PassRecord:
     weight_bytes_after: int
     seconds: float
     rel_error: float | None = None  # max relative L2 error of outputs vs the original, on the check inputs
+    latency_before_s: float | None = None  # predicted on the context's profile, at the example sizes
+    latency_after_s: float | None = None
 
 
 @dataclass
@@ -41,7 +43,9 @@ class Report:
     flops_after: float = 0.0
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
-    cost: Any = None  # filled by the cost model when a profile is given
+    cost: Any = None  # ProgramCost of the result, when a profile is given
+    latency_before_s: float | None = None
+    latency_after_s: float | None = None
     final_rel_error: float | None = None  # compressed vs original model on the example inputs
 
     def rewrites(self, name: str) -> dict[str, int]:
@@ -56,8 +60,10 @@ class Report:
         self.passes.extend(other.passes)
         self.notes.extend(other.notes)
         for key in ("params_before", "params_after", "flops_before", "flops_after",
-                    "weight_bytes_before", "weight_bytes_after"):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
+                    "weight_bytes_before", "weight_bytes_after", "latency_before_s", "latency_after_s"):
+            mine, theirs = getattr(self, key), getattr(other, key)
+            setattr(self, key, theirs if mine is None else mine if theirs is None else mine + theirs)
+        self.cost = other.cost if self.cost is None else self.cost
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +85,9 @@ class Report:
             f"{self.weight_bytes_before:,} -> {self.weight_bytes_after:,} ({ratio:.1%}), "
             f"MFLOPs {self.flops_before / 1e6:.3f} -> {self.flops_after / 1e6:.3f}"
         )
+        if self.latency_before_s is not None and self.latency_after_s is not None and self.cost is not None:
+            lines.append(f"  predicted latency on {self.cost.profile}: {self.latency_before_s * 1e6:.1f} us -> "
+                         f"{self.latency_after_s * 1e6:.1f} us ({self.latency_before_s / self.latency_after_s:.2f}x)")
         if self.final_rel_error is not None:
             lines.append(f"  output error vs original (relative L2): {self.final_rel_error:.3e}")
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -125,6 +134,8 @@ class PassManager:
         report.weight_bytes_before = program.weight_bytes()
         report.flops_before = program_flops(program.graph)
         reference = self._outputs(program) if self.check else None
+        latency = self._latency(program, ctx)
+        report.latency_before_s = latency
         for pass_ in self.passes:
             params, flops = program.parameter_count(), program_flops(program.graph)
             start = time.perf_counter()
@@ -137,8 +148,9 @@ class PassManager:
                 name=str(pass_), rewrites=dict(counts), params_before=params,
                 params_after=program.parameter_count(), flops_before=flops,
                 flops_after=program_flops(program.graph), weight_bytes_after=program.weight_bytes(),
-                seconds=time.perf_counter() - start,
+                seconds=time.perf_counter() - start, latency_before_s=latency,
             )
+            latency = record.latency_after_s = self._latency(program, ctx)
             if reference is not None:
                 record.rel_error = relative_error(reference, self._outputs(program))
                 if pass_.exact and record.rel_error > self.exact_rtol:
@@ -153,7 +165,14 @@ class PassManager:
         report.params_after = program.parameter_count()
         report.weight_bytes_after = program.weight_bytes()
         report.flops_after = program_flops(program.graph)
+        report.latency_after_s = latency
+        if ctx.profile is not None:
+            report.cost = program_cost(program.graph, ctx.profile)
         return report
+
+    @staticmethod
+    def _latency(program: Program, ctx: PassContext) -> float | None:
+        return program_cost(program.graph, ctx.profile).total_s if ctx.profile is not None else None
 
     @staticmethod
     def _outputs(program: Program) -> Any:

@@ -6,8 +6,10 @@ from .errors import (CalibrationError, CaptureError, NumericalMismatchError, Pip
                      SlimfxError, VerificationError)
 from .ir import Program, capture, verify
 from .passes import Pass, PassManager, Report, parse_pipeline
+from .passes.calibration import ActivationStats
+from .passes.calibration import collect_model_stats as collect_stats
 
-__all__ = ["DEFAULT_PIPELINE", "CalibrationError", "CaptureError", "CompressedModule", "NumericalMismatchError",
+__all__ = ["ActivationStats", "collect_stats", "DEFAULT_PIPELINE", "CalibrationError", "CaptureError", "CompressedModule", "NumericalMismatchError",
            "Pass", "PassManager", "PipelineError", "ProfileError", "Program", "Report", "SlimfxError",
            "VerificationError", "capture", "compress", "parse_pipeline", "slimfx_backend", "verify"]
 __version__ = "0.1.0"

@@ -14,8 +14,9 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..ir.ops import LOWRANK_LINEAR
 from ..ir.program import BATCH_NORM, CONV2D, LINEAR
-from .cost_model import Kernel, conv2d, dense_linear, kernel_latency
+from .cost_model import Kernel, conv2d, dense_linear, kernel_latency, lowrank_linear
 from .profiles import Profile
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8",
@@ -54,6 +55,14 @@ def _linear(node: fx.Node) -> list[Kernel]:
     return dense_linear(numel(shape(x)[:-1]), out_f, in_f, val(x).element_size(), dtype_name(x))
 
 
+def _lowrank_linear(node: fx.Node) -> list[Kernel]:
+    """Priced as the reference runs it (two GEMMs); a fused kernel changes this rule, not the passes."""
+    x, v, u = node.args[0], node.args[1], node.args[2]
+    rank, in_f = shape(v)
+    out_f = shape(u)[0]
+    return lowrank_linear(numel(shape(x)[:-1]), out_f, in_f, rank, val(x).element_size(), dtype_name(x))
+
+
 def _conv2d(node: fx.Node) -> list[Kernel]:
     x, w = node.args[0], node.args[1]
     batch, cin, h_in, w_in = shape(x)
@@ -72,8 +81,9 @@ def _elementwise(node: fx.Node) -> list[Kernel]:
     return [Kernel(numel(shape(node)), moved, dtype_name(node), "elementwise")]
 
 
-COST_RULES: dict[Any, Callable[[fx.Node], list[Kernel]]] = {LINEAR: _linear, CONV2D: _conv2d,
-                                                             BATCH_NORM: _elementwise}
+COST_RULES: dict[Any, Callable[[fx.Node], list[Kernel]]] = {
+    LINEAR: _linear, CONV2D: _conv2d, BATCH_NORM: _elementwise, LOWRANK_LINEAR: _lowrank_linear,
+}
 
 _VIEW_NAMES = {"view", "reshape", "flatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",
                "getitem", "select", "slice", "split", "unflatten", "unbind", "chunk", "alias", "detach",

@@ -73,7 +73,7 @@ def format_program(program: Program) -> str:
         for target in used:
             value = fetch_attr(program.gm, target)
             info = program.weights[target]
-            via = f" [{info.derived_by}]" if info.derived_by else ""
+            via = f" [{info.derived_by}{': ' + info.note if info.note else ''}]" if info.derived_by else ""
             lines.append(f"  ${target:<{width}}  {format_type(value):<16} <- {info.origin}{via}")
     lines.append("graph:")
     body = []

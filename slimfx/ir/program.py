@@ -19,8 +19,9 @@ BATCH_NORM = torch.ops.aten.batch_norm.default
 class WeightInfo:
     """Where a weight tensor came from: a parameter/buffer of the user's model, or a pass that derived it."""
 
-    origin: str  # qualified name in the user's model, or "<pass>:<description>" for derived tensors
-    derived_by: str | None = None
+    origin: str  # qualified name in the user's model; a derived tensor keeps the name of the one it replaces
+    derived_by: str | None = None  # the pass that made it
+    note: str = ""  # how, e.g. "folded with bn1" or "V of rank 16"
 
 
 @dataclass
@@ -60,14 +61,14 @@ class Program:
             raise KeyError(f"{node} is not a weight of this program")
         return fetch_attr(self.gm, node.target)
 
-    def add_weight(self, hint: str, value: torch.Tensor, origin: str, pass_name: str) -> fx.Node:
+    def add_weight(self, hint: str, value: torch.Tensor, origin: str, pass_name: str, note: str = "") -> fx.Node:
         """Register a new (derived) weight and return a ``get_attr`` node for it, inserted at the insert point."""
         base = re.sub(r"[^0-9a-zA-Z_]", "_", hint)
         name = base if base[:1].isalpha() else f"w{base}"
         while hasattr(self.gm, name):
             name = f"{base}_{next(self._ids)}"
         self.gm.register_buffer(name, value.detach().contiguous(), persistent=True)
-        self.weights[name] = WeightInfo(origin=origin, derived_by=pass_name)
+        self.weights[name] = WeightInfo(origin=origin, derived_by=pass_name, note=note)
         node = self.graph.get_attr(name)
         node.meta["val"] = _fake_like(self, value)
         return node

@@ -48,8 +48,9 @@ def fold_into_producer(bn: fx.Node, program: Program) -> fx.Node | None:
     new_bias = ((bias - mu) * scale + b).to(weight.dtype)
     origin = program.weights[producer.args[1].target].origin
     bn_origin = program.weights[mean.target].origin.rsplit(".", 1)[0]
-    w_node = program.add_weight(f"{origin}_folded", new_weight, f"{origin} folded with {bn_origin}", "fold-bn")
-    b_node = program.add_weight(f"{origin}_folded_bias", new_bias, f"bias folded with {bn_origin}", "fold-bn")
+    w_node = program.add_weight(f"{origin}_folded", new_weight, origin, "fold-bn", f"folded with {bn_origin}")
+    b_node = program.add_weight(f"{origin}_folded_bias", new_bias, origin.rsplit(".", 1)[0] + ".bias", "fold-bn",
+                                f"folded with {bn_origin}")
     args = list(producer.args)
     args[1] = w_node
     if len(args) > 2:

@@ -1,0 +1,27 @@
+"""Canonical compressed ops: ``torch.ops.slimfx.*`` custom ops with a CPU reference implementation.
+
+The reference runs everywhere (and under Dynamo, export and Inductor, which see the op through its fake
+implementation); codegen registers faster kernels for the same op where a GPU is present.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("slimfx::lowrank_linear", mutates_args=())
+def lowrank_linear(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = (x · vᵀ) · uᵀ + bias, with v: [r, in] and u: [out, r]. Reference: two GEMMs."""
+    return F.linear(F.linear(x, v), u, bias)
+
+
+@lowrank_linear.register_fake
+def _(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    torch._check(x.shape[-1] == v.shape[1], lambda: f"lowrank_linear: x has {x.shape[-1]} features, v expects {v.shape[1]}")
+    torch._check(u.shape[1] == v.shape[0], lambda: "lowrank_linear: u and v ranks differ")
+    return x.new_empty((*x.shape[:-1], u.shape[0]))
+
+
+LOWRANK_LINEAR = torch.ops.slimfx.lowrank_linear.default

@@ -1,0 +1,230 @@
+"""``factorize``: replace linear layers by a low-rank pair and convs by two thinner convs.
+
+A linear W[out, in] becomes ``slimfx.lowrank_linear(x, V[r, in], U[out, r], b)``; a k×k conv becomes a k×k conv
+to r channels plus a 1×1 conv (``conv=channel``) or a k×1 conv plus a 1×k conv (``conv=spatial``). Grouped and
+depthwise convs are skipped with a note. The rank comes from ``keep`` (fraction of the layer's parameters),
+``rank``, ``energy`` (fraction of output energy kept) or a per-layer ``plan``, and is rounded to the profile's
+rank multiple. A layer is only rewritten if the result is smaller, and, given a profile, predicted faster.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.fx as fx
+
+from ..errors import CalibrationError, PipelineError
+from ..hw_profiles.cost_model import conv2d as conv_kernels
+from ..hw_profiles.cost_model import dense_linear, latency, lowrank_linear
+from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
+from ..ir.ops import LOWRANK_LINEAR
+from ..ir.program import CONV2D, LINEAR, Program
+from .base import Pass, PassContext, register
+from .calibration import resolve_stats
+from .lowrank import LowRankFactors, factorize_matrix, spatial_factors
+
+
+@dataclass
+class Candidate:
+    """One option for the planner: a rank with its predicted output error, latency and size."""
+
+    rank: int
+    rel_error: float
+    latency_s: float | None
+    params: int
+
+
+@register
+@dataclass
+class Factorize(Pass):
+    name = "factorize"
+    summary = "low-rank factorization of linear and conv layers (activation-whitened by default)"
+
+    method: Literal["whitened", "svd", "asvd"] = "whitened"
+    keep: Optional[float] = None
+    rank: Optional[int] = None
+    energy: Optional[float] = None
+    conv: Literal["channel", "spatial", "none"] = "channel"
+    alpha: float = 0.5
+    damp: float = 1e-6
+    exclude: str = ""  # regex on weight names, e.g. "head|embed"
+    plan: Optional[dict] = None  # weight origin -> rank, from the planner
+
+    def validate(self) -> None:
+        given = [k for k in ("keep", "rank", "energy", "plan") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise PipelineError(f"factorize: give one of keep, rank, energy or plan, not {' and '.join(given)}")
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise self.invalid("keep", "must be in (0, 1]: the fraction of each layer's parameters to keep")
+        if self.rank is not None and self.rank < 1:
+            raise self.invalid("rank", "must be >= 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise self.invalid("energy", "must be in (0, 1]: the fraction of output energy to keep")
+        if not 0 < self.alpha <= 1:
+            raise self.invalid("alpha", "must be in (0, 1]")
+        if self.exclude:
+            try:
+                re.compile(self.exclude)
+            except re.error as exc:
+                raise self.invalid("exclude", f"is not a valid regex: {exc}") from None
+
+    # -- choosing ----------------------------------------------------------------------------------------------
+    def choose_rank(self, origin: str, factors: LowRankFactors, out_f: int, in_f: int, multiple: int) -> int:
+        if self.plan is not None:
+            rank = self.plan.get(origin, 0)
+            if rank >= min(out_f, in_f):
+                raise PipelineError(f"factorize: plan gives rank {rank} to {origin}, which is {out_f}x{in_f}: "
+                                    f"the rank must be below {min(out_f, in_f)} to shrink it")
+            return rank
+        if self.rank is not None:
+            return self.rank
+        if self.energy is not None:
+            rank = factors.rank_for_energy(self.energy)
+        else:
+            keep = 0.5 if self.keep is None else self.keep
+            rank = int(keep * out_f * in_f / (out_f + in_f))
+        if multiple > 1 and rank >= multiple:
+            rank = max(multiple, round(rank / multiple) * multiple)
+        return rank
+
+    def run(self, program: Program, ctx: PassContext) -> Counter:
+        counts: Counter = Counter()
+        stats = resolve_stats(program, ctx.calibration, ctx.cache)
+        if self.method != "svd" and stats is None:
+            raise CalibrationError(
+                f"factorize{{method={self.method}}} needs calibration data: pass calibration= to slimfx.compress "
+                "(an iterable of model-input tuples, a DataLoader works) or options={'calibration': "
+                "slimfx.collect_stats(model, data)} to torch.compile; or use method=svd"
+            )
+        multiple = ctx.profile.rank_multiple if ctx.profile is not None else 1
+        hints = size_hints(program.graph)
+        for node in list(program.graph.nodes):
+            if node.op != "call_function" or node.target not in (LINEAR, CONV2D) or not program.is_weight(node.args[1]):
+                continue
+            origin = program.weights[node.args[1].target].origin
+            if self.exclude and re.search(self.exclude, origin):
+                continue
+            if program.weights[node.args[1].target].derived_by == self.name:
+                continue  # already one half of a factorized pair
+            outcome = self._rewrite(program, node, origin, stats, multiple, hints, ctx)
+            counts[outcome] += 1
+            if outcome.startswith("skipped"):
+                ctx.note(f"factorize: {origin} {outcome.replace('skipped-', 'skipped: ')}")
+        if self.rank is not None and not any(k in counts for k in ("linear", "conv-channel", "conv-spatial")) \
+                and counts.get("skipped-rank-too-large"):
+            raise PipelineError(f"factorize: rank={self.rank} is >= min(out, in) of every layer, so nothing can "
+                                "shrink; use a smaller rank, or keep= for a per-layer fraction")
+        program.graph.eliminate_dead_code()
+        program.drop_unused_weights()
+        return counts
+
+    # -- rewriting ---------------------------------------------------------------------------------------------
+    def _rewrite(self, program: Program, node: fx.Node, origin: str, stats, multiple: int, hints: dict,
+                 ctx: PassContext) -> str:
+        weight = program.tensor(node.args[1])
+        is_conv = node.target == CONV2D
+        if is_conv and node.args[6] != 1:
+            return "skipped-grouped-conv"
+        if is_conv and self.conv == "none":
+            return "skipped-conv"
+        spatial = is_conv and self.conv == "spatial" and weight.shape[2] > 1 and weight.shape[3] > 1
+        if spatial:
+            factors, _ = spatial_factors(weight)
+            rows, cols = factors.a.shape[0], factors.b.shape[1]
+        else:
+            matrix = weight.reshape(weight.shape[0], -1)
+            layer_stats = stats.get(origin, matrix.shape[1]) if stats is not None else None
+            if self.method != "svd" and layer_stats is None:
+                return "skipped-no-calibration-statistics"
+            factors = factorize_matrix(matrix, self.method, layer_stats, self.alpha, self.damp)
+            rows, cols = matrix.shape
+        rank = self.choose_rank(origin, factors, rows, cols, multiple)
+        if rank < 1:
+            return "skipped-rank-zero"
+        if rank >= min(rows, cols) or rank * (rows + cols) >= rows * cols:
+            return "skipped-rank-too-large"
+        if ctx.profile is not None:
+            dense_s, factored_s = self._latencies(node, rank, spatial, ctx.profile, hints)
+            if factored_s >= dense_s:
+                return "skipped-slower-on-profile"
+        a, b = factors.truncate(rank, weight.dtype)
+        note = {"rank": rank, "pred_err": round(factors.rel_error(rank), 4)}
+        with program.graph.inserting_before(node):
+            if not is_conv:
+                v = program.add_weight(f"{origin}_V", b, origin, self.name, f"V of rank {rank}")
+                u = program.add_weight(f"{origin}_U", a, origin, self.name, f"U of rank {rank}")
+                bias = node.args[2] if len(node.args) > 2 else None
+                new = program.graph.call_function(LOWRANK_LINEAR, (node.args[0], v, u, bias))
+                kind = "linear"
+            else:
+                new = self._conv_pair(program, node, origin, a, b, rank, spatial, weight.shape)
+                kind = "conv-spatial" if spatial else "conv-channel"
+        program.annotations(new).update(note)
+        node.replace_all_uses_with(new)
+        program.graph.erase_node(node)
+        return kind
+
+    def _conv_pair(self, program: Program, node: fx.Node, origin: str, a: torch.Tensor, b: torch.Tensor, rank: int,
+                   spatial: bool, wshape: torch.Size) -> fx.Node:
+        x, _, bias, stride, padding, dilation, _ = node.args
+        cout, cin, kh, kw = wshape
+        if spatial:  # a: [(cin, kh), r] -> vertical kh×1 filters; b: [r, (cout, kw)] -> horizontal 1×kw filters
+            first_w = a.T.reshape(rank, cin, kh, 1).contiguous()
+            second_w = b.reshape(rank, cout, kw).permute(1, 0, 2).reshape(cout, rank, 1, kw).contiguous()
+            first_args = ([stride[0], 1], [padding[0], 0], [dilation[0], 1])
+            second_args = ([1, stride[1]], [0, padding[1]], [1, dilation[1]])
+        else:  # b: [r, cin*kh*kw] -> k×k conv to r channels; a: [cout, r] -> 1×1 conv
+            first_w, second_w = b.reshape(rank, cin, kh, kw), a.reshape(cout, rank, 1, 1)
+            first_args = (stride, padding, dilation)
+            second_args = ([1, 1], [0, 0], [1, 1])
+        w1 = program.add_weight(f"{origin}_first", first_w, origin, self.name, f"rank {rank}, first conv")
+        w2 = program.add_weight(f"{origin}_second", second_w, origin, self.name, f"rank {rank}, second conv")
+        mid = program.graph.call_function(CONV2D, (x, w1, None, *first_args, 1))
+        return program.graph.call_function(CONV2D, (mid, w2, bias, *second_args, 1))
+
+    @staticmethod
+    def _latencies(node: fx.Node, rank: int, spatial: bool, profile, hints: dict) -> tuple[float, float]:
+        x = node.args[0]
+        dtype, size = dtype_name(x), x.meta["val"].element_size()
+        if node.target == LINEAR:
+            out_f, in_f = shape(node.args[1])
+            rows = numel(shape(x)[:-1])
+            dense = latency(dense_linear(rows, out_f, in_f, size, dtype), profile)
+            factored = latency(lowrank_linear(rows, out_f, in_f, rank, size, dtype), profile)
+        else:
+            batch, cin, h_in, w_in = shape(x)
+            cout, _, kh, kw = shape(node.args[1])
+            _, _, h_out, w_out = shape(node)
+            dense = latency(conv_kernels(batch, cin, cout, h_out, w_out, kh, kw, h_in, w_in, 1, size, dtype), profile)
+            if spatial:
+                first = conv_kernels(batch, cin, rank, h_out, w_in, kh, 1, h_in, w_in, 1, size, dtype)
+                second = conv_kernels(batch, rank, cout, h_out, w_out, 1, kw, h_out, w_in, 1, size, dtype)
+            else:
+                first = conv_kernels(batch, cin, rank, h_out, w_out, kh, kw, h_in, w_in, 1, size, dtype)
+                second = conv_kernels(batch, rank, cout, h_out, w_out, 1, 1, h_out, w_out, 1, size, dtype)
+            factored = latency(first + second, profile)
+        return concrete(dense, hints), concrete(factored, hints)
+
+
+def layer_candidates(program: Program, node: fx.Node, method: str, stats=None, profile=None,
+                     ranks: list[int] | None = None) -> list[Candidate]:
+    """Every rank option of one linear layer with (predicted error, predicted latency): one SVD for all of them."""
+    weight = program.tensor(node.args[1])
+    matrix = weight.reshape(weight.shape[0], -1)
+    origin = program.weights[node.args[1].target].origin
+    layer_stats = stats.get(origin, matrix.shape[1]) if stats is not None else None
+    factors = factorize_matrix(matrix, method, layer_stats)
+    out_f, in_f = matrix.shape
+    hints = size_hints(program.graph)
+    options = []
+    for rank in ranks or range(1, min(out_f, in_f)):
+        seconds = None
+        if profile is not None:
+            seconds = Factorize._latencies(node, rank, False, profile, hints)[1]
+        options.append(Candidate(rank, factors.rel_error(rank), seconds, rank * (out_f + in_f)))
+    return options
+
+

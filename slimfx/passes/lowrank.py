@@ -1,0 +1,88 @@
+"""Low-rank factorization of a weight matrix, one SVD for every rank.
+
+All three methods factor ``W·T = U Σ Vᵀ`` for a transform T and set ``A = U Σ``, ``B = Vᵀ T⁻¹``, so that the
+first r rows/columns give ``W ≈ A[:, :r] B[:r]``:
+
+- ``svd``: T = I (the best approximation of the weights themselves);
+- ``whitened`` (SVD-LLM): T = S with S Sᵀ = XᵀX, so truncation minimises the *output* error ||X(W - W_r)ᵀ||;
+  S is the symmetric square root from an eigendecomposition (any square root gives the same truncation as
+  SVD-LLM's Cholesky factor) with small eigenvalues floored, which handles rank-deficient XᵀX;
+- ``asvd``: T = diag(mean|x|)^α, scaling columns by how large their inputs are.
+
+The output error of dropping component i is σᵢ² · bᵢᵀ(XᵀX)bᵢ, and the cross terms vanish because U is
+orthonormal, so ``rel_error(r)`` is exact on the calibration data for every method and every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .calibration import LayerStats
+
+
+@dataclass
+class LowRankFactors:
+    a: torch.Tensor  # [out, k] = U Σ
+    b: torch.Tensor  # [k, in]  = Vᵀ T⁻¹
+    component_error: torch.Tensor  # [k] output error energy of each component
+    total_energy: float  # ||X Wᵀ||² (or ||W||² without data)
+
+    @property
+    def max_rank(self) -> int:
+        return self.a.shape[1]
+
+    def rel_error(self, rank: int) -> float:
+        """Relative output error ||X(W - W_r)ᵀ|| / ||X Wᵀ|| on the calibration data (weights if none)."""
+        tail = float(self.component_error[rank:].sum())
+        return (max(tail, 0.0) / self.total_energy) ** 0.5 if self.total_energy > 0 else 0.0
+
+    def rank_for_energy(self, energy: float) -> int:
+        """Smallest rank that keeps ``energy`` of the output energy."""
+        tail = self.component_error.flip(0).cumsum(0).flip(0)  # tail[r] = error energy dropped at rank r
+        kept = 1.0 - tail / self.total_energy
+        ok = torch.nonzero(kept >= energy)
+        return int(ok[0]) if len(ok) else self.max_rank
+
+    def truncate(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a[:, :rank].to(dtype).contiguous(), self.b[:rank].to(dtype).contiguous()
+
+
+def _whitening(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    evals, evecs = torch.linalg.eigh(gram)
+    floor = max(float(evals.max()), 1e-30) * damp
+    root = evals.clamp_min(floor).sqrt()
+    return evecs * root, (evecs / root).T  # S, S⁻¹ with S Sᵀ = XᵀX (floored)
+
+
+def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None = None, alpha: float = 0.5,
+                     damp: float = 1e-6) -> LowRankFactors:
+    w = weight.detach().to(torch.float64)
+    gram = stats.gram if stats is not None else None
+    if method == "svd":
+        transform, inverse = None, None
+    elif method == "whitened":
+        transform, inverse = _whitening(gram, damp)
+    elif method == "asvd":
+        scale = stats.mean_abs.clamp_min(1e-8) ** alpha
+        transform, inverse = torch.diag(scale), torch.diag(1.0 / scale)
+    else:
+        raise ValueError(f"unknown factorization method {method!r}")
+    target = w if transform is None else w @ transform
+    u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
+    a = u * sigma
+    b = vh if inverse is None else vh @ inverse
+    if gram is None:
+        component_error = sigma**2 * (b * b).sum(1)
+        total = float((w * w).sum())
+    else:
+        component_error = sigma**2 * ((b @ gram) * b).sum(1)
+        total = float(((w @ gram) * w).sum())
+    return LowRankFactors(a, b, component_error, total)
+
+
+def spatial_factors(weight: torch.Tensor) -> tuple[LowRankFactors, tuple[int, ...]]:
+    """k×k conv -> (k×1 conv to r channels) then (1×k conv): SVD of W arranged as [(cin, kh), (cout, kw)]."""
+    cout, cin, kh, kw = weight.shape
+    matrix = weight.detach().to(torch.float64).permute(1, 2, 0, 3).reshape(cin * kh, cout * kw)
+    return factorize_matrix(matrix, "svd"), (cout, cin, kh, kw)

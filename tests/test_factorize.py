@@ -216,3 +216,13 @@ def test_calibration_errors(digits_mlp):
         slimfx.compress(model, x, pipeline="factorize", calibration=[])
     with pytest.raises(PipelineError, match="min\\(out, in\\) of every layer"):
         slimfx.compress(model, x, pipeline="factorize{method=svd,rank=300}")  # layers are 64x256, 256x256, 256x10
+
+
+def test_energy_option_bounds_each_layers_predicted_error(digits_transformer):
+    model, data = digits_transformer
+    result = slimfx.compress(model, (data.test_x[:32],), calibration=calibration(data, 2),
+                             pipeline="factorize{energy=0.95,exclude=head|embed}")
+    notes = [n.meta["slimfx"] for n in result.program.graph.nodes if "slimfx" in n.meta]
+    assert notes and all(n["pred_err"] <= (1 - 0.95) ** 0.5 + 1e-4 for n in notes)
+    skipped = sum(v for k, v in result.report.rewrites("factorize").items() if k.startswith("skipped"))
+    assert len(notes) + skipped == 8  # qkv, proj, up, down in each of two blocks

@@ -79,7 +79,7 @@ def test_cost_expressions_match_hand_counts():
     assert first.bytes == (4 * 5 + 2 * 5 + 4 * 2) * 2 and second.bytes == (4 * 2 + 3 * 2 + 4 * 3) * 2
     (fused,) = lowrank_linear(4, 3, 5, 2, itemsize=2, fused=True)
     assert fused.bytes == (4 * 5 + 2 * (5 + 3) + 4 * 3) * 2  # the [M, r] intermediate stays on chip
-    (sparse,) = nm_linear(4, 8, 16, keep=2, group=4, itemsize=2)
+    (sparse,) = nm_linear(4, 8, 16, keep=2, group=4, itemsize=2, dtype="fp16")
     assert sparse.bytes == 4 * 16 * 2 + 8 * 16 // 2 * 2 + 8 * 16 // 2 // 4 + 4 * 8 * 2  # x + values + 2-bit idx + y
     q, *correction = quant_linear(4, 8, 256, bits=4, group_size=128, rank=2, itemsize=2)
     assert q.bytes == 4 * 256 * 2 + 8 * 256 // 2 + (8 * 256 // 128) * 2 * 2 + 4 * 8 * 2 and len(correction) == 2
@@ -97,8 +97,12 @@ def test_roofline_latency_by_hand():
     compute_bound = Kernel(flops=1e13, bytes=1e3, dtype="fp16", kind="gemm")
     expected = (1e13 + 0.3e9) / (312e12 * 0.75) + 5e-6
     assert float(kernel_latency(compute_bound, profile)) == pytest.approx(expected)
+    # no fp32 2:4 tensor cores: the compressed weight is priced as what runs instead (decompress + dense GEMM)
+    (sparse,) = nm_linear(8, 8, 8, dtype="fp32", itemsize=4)
+    assert float(kernel_latency(sparse, profile)) == pytest.approx(float(latency(sparse.fallback, profile)))
+    assert float(latency(sparse.fallback, profile)) > float(latency(dense_linear(8, 8, 8), profile))
     with pytest.raises(ValueError, match="no 2:4 sparse kernels"):
-        kernel_latency(nm_linear(8, 8, 8, dtype="fp32")[0], profile)
+        kernel_latency(Kernel(1e6, 1e3, "fp32", "sparse_gemm"), profile)
 
 
 @pytest.mark.parametrize("name, m", [("h100", 1), ("h100", 4096), ("cpu-generic", 64), ("l4", 16)])

@@ -31,6 +31,7 @@ class Kernel:
     dtype: str = "fp32"
     kind: str = "gemm"
     weight_elems: sympy.Expr = sympy.Integer(0)
+    fallback: tuple["Kernel", ...] = ()  # what runs instead where the target lacks this kind (e.g. no 2:4 units)
 
 
 def kernel_latency(kernel: Kernel, profile: Profile) -> sympy.Expr:
@@ -43,6 +44,8 @@ def kernel_latency(kernel: Kernel, profile: Profile) -> sympy.Expr:
     peak = profile.peak_flops(kernel.dtype)
     if kernel.kind == "sparse_gemm":
         if not profile.supports_2_4(kernel.dtype):
+            if kernel.fallback:
+                return latency(kernel.fallback, profile)
             raise ValueError(f"{profile.name} has no 2:4 sparse kernels for {kernel.dtype}")
         peak *= profile.sparse_speedup
         launch += profile.sparse_extra_overhead_us * 1e-6
@@ -84,11 +87,21 @@ def lowrank_linear(m=M, n=N, k=K, rank=r, itemsize: int = 4, dtype: str = "fp32"
 
 
 def nm_linear(m=M, n=N, k=K, keep: int = 2, group: int = 4, itemsize: int = 4, dtype: str = "fp16") -> list[Kernel]:
-    """N:M sparse weights on sparse tensor cores: values keep/group of the weight, plus 2-bit indices."""
-    values = n * k * sympy.Rational(keep, group) * itemsize
-    meta = n * k * sympy.Rational(keep, group) * sympy.Rational(2, 8)
-    return [Kernel(2 * m * n * k, m * k * itemsize + values + meta + m * n * itemsize, dtype, "sparse_gemm",
-                   n * k * sympy.Rational(keep, group))]
+    """N:M sparse weights on sparse tensor cores: values keep/group of the weight, plus packed in-group indices.
+
+    Only 2:4 has hardware kernels; elsewhere (and on targets without them) the weight is decompressed and
+    multiplied densely, which is what the fallback prices.
+    """
+    from ..ir.sparse_format import index_bits
+
+    kept = n * k * sympy.Rational(keep, group)
+    values, meta = kept * itemsize, kept * sympy.Rational(index_bits(group), 8)
+    decompress = Kernel(n * k, values + meta + n * k * itemsize, dtype, "elementwise")
+    fallback = (decompress, *dense_linear(m, n, k, itemsize, dtype))
+    if (keep, group) != (2, 4):
+        return list(fallback)
+    return [Kernel(2 * m * n * k, m * k * itemsize + values + meta + m * n * itemsize, dtype, "sparse_gemm", kept,
+                   fallback)]
 
 
 def quant_linear(m=M, n=N, k=K, bits: int = 4, group_size: int = 128, rank=0, itemsize: int = 2,

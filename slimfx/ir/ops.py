@@ -25,3 +25,23 @@ def _(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Te
 
 
 LOWRANK_LINEAR = torch.ops.slimfx.lowrank_linear.default
+
+
+@torch.library.custom_op("slimfx::nm_linear", mutates_args=())
+def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor], n: int,
+              m: int, in_features: int) -> torch.Tensor:
+    """y = x · W_sparseᵀ + bias, W stored as N:M values + packed indices. Reference: decompress, then GEMM."""
+    from .sparse_format import decompress
+
+    return F.linear(x, decompress(values, indices, n, m, in_features), bias)
+
+
+@nm_linear.register_fake
+def _(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor], n: int, m: int,
+      in_features: int) -> torch.Tensor:
+    torch._check(x.shape[-1] == in_features, lambda: f"nm_linear: x has {x.shape[-1]} features, expected {in_features}")
+    torch._check(values.shape[1] * m == in_features * n, lambda: "nm_linear: values do not match n:m")
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+NM_LINEAR = torch.ops.slimfx.nm_linear.default

@@ -1,0 +1,147 @@
+"""``nm{n=2,m=4}``: prune linear layers so every m consecutive input weights keep at most n.
+
+Masks come from ``nm_masks`` (magnitude, wanda, sparsegpt). The layout is then chosen per layer: compressed
+(``slimfx.nm_linear``: values + packed indices, weight memory really shrinks) where the profile predicts the
+sparse kernel pays, or the dense weight with the mask applied where it would not (2:4 loses to dense at small
+batch on GPUs; CPUs have no sparse units). The report says which, and why, for every layer.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+from ..errors import CalibrationError, PipelineError
+from ..hw_profiles.cost_model import dense_linear, latency, nm_linear
+from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
+from ..ir.ops import NM_LINEAR
+from ..ir.program import LINEAR, Program
+from ..ir.sparse_format import compress
+from .base import Pass, PassContext, register
+from .calibration import resolve_stats
+from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
+
+
+@register
+@dataclass
+class NMSparsity(Pass):
+    name = "nm"
+    summary = "N:M structured sparsity (wanda, sparsegpt, magnitude) with profile-chosen storage"
+
+    n: int = 2
+    m: int = 4
+    method: Literal["wanda", "sparsegpt", "magnitude"] = "wanda"
+    layout: Literal["auto", "compressed", "dense"] = "auto"
+    exclude: str = ""  # regex on weight names to leave dense, e.g. "embed|lm_head"
+    only: str = ""  # regex: prune just these; a width m does not divide is then an error, not a note
+    skip_first: bool = False
+    skip_last: bool = False
+    block: int = 128
+    damp: float = 0.01
+
+    def validate(self) -> None:
+        if self.m < 2:
+            raise self.invalid("m", "must be >= 2")
+        if not 1 <= self.n < self.m:
+            raise self.invalid("n", f"must be in [1, m) = [1, {self.m}): n >= m would prune nothing")
+        if self.block < self.m:
+            raise self.invalid("block", f"must be >= m={self.m}")
+        if not 0 <= self.damp < 1:
+            raise self.invalid("damp", "must be in [0, 1)")
+        for option in ("exclude", "only"):
+            try:
+                re.compile(getattr(self, option))
+            except re.error as exc:
+                raise self.invalid(option, f"is not a valid regex: {exc}") from None
+
+    def run(self, program: Program, ctx: PassContext) -> Counter:
+        counts: Counter = Counter()
+        stats = resolve_stats(program, ctx.calibration, ctx.cache)
+        if self.method != "magnitude" and stats is None:
+            raise CalibrationError(
+                f"nm{{method={self.method}}} needs calibration data: pass calibration= to slimfx.compress (an "
+                "iterable of model-input tuples) or options={'calibration': slimfx.collect_stats(model, data)} to "
+                "torch.compile; or use method=magnitude"
+            )
+        layers = [n for n in program.graph.nodes
+                  if n.op == "call_function" and n.target == LINEAR and program.is_weight(n.args[1])]
+        if self.skip_first:
+            layers = layers[1:]
+        if self.skip_last:
+            layers = layers[:-1]
+        hints = size_hints(program.graph)
+        for node in layers:
+            origin = program.weights[node.args[1].target].origin
+            if (self.exclude and re.search(self.exclude, origin)) or (self.only and not re.search(self.only, origin)):
+                continue
+            outcome, why = self._rewrite(program, node, origin, stats, hints, ctx)
+            counts[outcome] += 1
+            if why:
+                ctx.note(f"nm: {origin}: {why}")
+        program.graph.eliminate_dead_code()
+        program.drop_unused_weights()
+        return counts
+
+    def _rewrite(self, program: Program, node: fx.Node, origin: str, stats, hints: dict,
+                 ctx: PassContext) -> tuple[str, str]:
+        weight = program.tensor(node.args[1])
+        out_f, in_f = weight.shape
+        if in_f % self.m:
+            if self.only:
+                raise PipelineError(f"nm: {origin} has {in_f} input features, which m={self.m} does not divide; "
+                                    "choose an m that divides it or leave the layer out of only=")
+            return "skipped-width", f"left dense: {in_f} input features are not a multiple of m={self.m}"
+        layer_stats = stats.get(origin, in_f) if stats is not None else None
+        if self.method != "magnitude" and layer_stats is None:
+            return "skipped-no-calibration-statistics", "left dense: no calibration statistics reached this layer"
+        if self.method == "magnitude":
+            mask = magnitude_mask(weight, self.n, self.m)
+            pruned = weight * mask
+        elif self.method == "wanda":
+            mask = wanda_mask(weight, layer_stats, self.n, self.m)
+            pruned = weight * mask
+        else:
+            pruned, mask = sparsegpt(weight, layer_stats, self.n, self.m, self.block, self.damp)
+        layout, why = self._choose_layout(node, hints, ctx)
+        note = {"nm": f"{self.n}:{self.m}", "layout": layout}
+        if layer_stats is not None:
+            diff = (pruned - weight).to(torch.float64)
+            total = float(((weight.double() @ layer_stats.gram) * weight.double()).sum())
+            note["pred_err"] = round((float(((diff @ layer_stats.gram) * diff).sum()) / max(total, 1e-30)) ** 0.5, 4)
+        bias = node.args[2] if len(node.args) > 2 else None
+        with program.graph.inserting_before(node):
+            if layout == "compressed":
+                values, indices = compress(pruned, mask, self.n, self.m)
+                v = program.add_weight(f"{origin}_values", values, origin, self.name, f"{self.n}:{self.m} values")
+                i = program.add_weight(f"{origin}_indices", indices, origin, self.name, f"{self.n}:{self.m} indices")
+                new = program.graph.call_function(NM_LINEAR, (node.args[0], v, i, bias, self.n, self.m, in_f))
+            else:
+                w = program.add_weight(f"{origin}_{self.n}of{self.m}", pruned, origin, self.name,
+                                       f"{self.n}:{self.m} masked, dense layout")
+                new = program.graph.call_function(LINEAR, (node.args[0], w, bias))
+        program.annotations(new).update(note)
+        node.replace_all_uses_with(new)
+        program.graph.erase_node(node)
+        return layout, why
+
+    def _choose_layout(self, node: fx.Node, hints: dict, ctx: PassContext) -> tuple[str, str]:
+        if self.layout != "auto":
+            return self.layout, ""
+        if ctx.profile is None:
+            return "compressed", "compressed storage (no profile given to weigh speed; smaller weights)"
+        x = node.args[0]
+        dtype, size = dtype_name(x), x.meta["val"].element_size()
+        out_f, in_f = shape(node.args[1])
+        rows = numel(shape(x)[:-1])
+        dense = concrete(latency(dense_linear(rows, out_f, in_f, size, dtype), ctx.profile), hints)
+        sparse = concrete(latency(nm_linear(rows, out_f, in_f, self.n, self.m, size, dtype), ctx.profile), hints)
+        has_kernel = (self.n, self.m) == (2, 4) and ctx.profile.supports_2_4(dtype)
+        if sparse < dense:
+            return "compressed", f"compressed: predicted {sparse * 1e6:.1f} us vs dense {dense * 1e6:.1f} us"
+        reason = ("sparse kernel predicted slower" if has_kernel
+                  else f"{ctx.profile.name} has no {self.n}:{self.m} kernel for {dtype}")
+        return "dense", f"dense layout, mask only: {reason} ({sparse * 1e6:.1f} us vs dense {dense * 1e6:.1f} us)"

@@ -112,6 +112,13 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "digits-transformer": DigitsTransformer,
 }
 
+# What `slimfx demo` runs on each: input and output layers stay dense (they are small and most sensitive).
+DEMO_PIPELINES = {
+    "digits-cnn": "fold-bn,factorize{keep=0.5,exclude=fc2|conv1},dead-code",
+    "digits-mlp": "factorize{keep=0.3,exclude=fc3},dead-code",
+    "digits-transformer": "factorize{keep=0.5,exclude=head|embed},dead-code",
+}
+
 
 def train(model: nn.Module, data: Digits, epochs: int = 20, lr: float = 3e-3, seed: int = 0,
           batch_size: int = 64) -> nn.Module:

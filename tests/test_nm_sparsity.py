@@ -167,3 +167,30 @@ def test_cuda_2_4_layout_runs():
     result = slimfx.compress(half, (x,), profile="h100", pipeline="nm{method=magnitude}", check=False, dynamic=False)
     assert result.report.rewrites("nm") == {"compressed": 1}
     assert torch.isfinite(result(x)).all()
+
+
+def test_permutation_is_folded_exactly_and_keeps_more_saliency(digits_mlp):
+    from slimfx.ir.fake_prop import refresh_metadata
+    from slimfx.passes.nm_permute import kept_saliency
+    from slimfx.passes.nm_sparsity import NMSparsity
+
+    model, data = digits_mlp
+    x = data.test_x[:64]
+    program = slimfx.capture(model, (x,))
+    stats = slimfx.collect_stats(model, calibration(data, 2))
+    layers = [(n, program.weights[n.args[1].target].origin) for n in program.graph.nodes if n.target == LINEAR]
+    before = {o: program.tensor(n.args[1]).clone() for n, o in layers}
+    counts = __import__("collections").Counter()
+    permuted = NMSparsity(method="wanda", permute=True)._permute_inputs(program, layers, stats, counts)
+    program.gm.recompile()
+    refresh_metadata(program)
+    assert counts["permuted"] == 2  # fc2 (fed by fc1 through GELU) and fc3 (fed by fc2)
+    torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)  # same function before pruning
+    for node, origin in layers[1:]:
+        norm = stats.get(origin, 256).gram.diagonal().sqrt().float()
+        old = kept_saliency(before[origin].abs() * norm, 2, 4)
+        new = kept_saliency(program.tensor(node.args[1]).abs() * permuted[node].gram.diagonal().sqrt().float(), 2, 4)
+        assert new > old
+    result = slimfx.compress(model, (x,), calibration=calibration(data, 2), pipeline="nm{method=magnitude,permute=true}")
+    assert result.report.rewrites("nm") == {"permuted": 2, "compressed": 3}
+    assert all(satisfies_pattern(w, 2, 4) for w, _, _ in pruned_weights(result.program))

@@ -67,7 +67,10 @@ class Program:
         name = base if base[:1].isalpha() else f"w{base}"
         while hasattr(self.gm, name):
             name = f"{base}_{next(self._ids)}"
-        self.gm.register_buffer(name, value.detach().contiguous(), persistent=True)
+        value = value.detach()
+        if type(value) is torch.Tensor:  # subclasses (e.g. 2:4 semi-structured) keep their own layout
+            value = value.contiguous()
+        self.gm.register_buffer(name, value, persistent=True)
         self.weights[name] = WeightInfo(origin=origin, derived_by=pass_name, note=note)
         node = self.graph.get_attr(name)
         node.meta["val"] = _fake_like(self, value)

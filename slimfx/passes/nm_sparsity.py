@@ -23,7 +23,9 @@ from ..ir.program import LINEAR, Program
 from ..ir.sparse_format import compress
 from .base import Pass, PassContext, register
 from .calibration import resolve_stats
+from .calibration import LayerStats
 from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
+from .nm_permute import kept_saliency, producer_of, search_permutation
 
 
 @register
@@ -42,6 +44,7 @@ class NMSparsity(Pass):
     skip_last: bool = False
     block: int = 128
     damp: float = 0.01
+    permute: bool = False  # reorder input channels for a better mask, folded into the producing layer
 
     def validate(self) -> None:
         if self.m < 2:
@@ -74,11 +77,18 @@ class NMSparsity(Pass):
         if self.skip_last:
             layers = layers[:-1]
         hints = size_hints(program.graph)
+        chosen = []
         for node in layers:
             origin = program.weights[node.args[1].target].origin
             if (self.exclude and re.search(self.exclude, origin)) or (self.only and not re.search(self.only, origin)):
                 continue
-            outcome, why = self._rewrite(program, node, origin, stats, hints, ctx)
+            chosen.append((node, origin))
+        permuted_stats = self._permute_inputs(program, chosen, stats, counts) if self.permute else {}
+        for node, origin in chosen:
+            layer_stats = permuted_stats.get(node)
+            if layer_stats is None and stats is not None:
+                layer_stats = stats.get(origin, program.tensor(node.args[1]).shape[1])
+            outcome, why = self._rewrite(program, node, origin, layer_stats, hints, ctx)
             counts[outcome] += 1
             if why:
                 ctx.note(f"nm: {origin}: {why}")
@@ -86,7 +96,38 @@ class NMSparsity(Pass):
         program.drop_unused_weights()
         return counts
 
-    def _rewrite(self, program: Program, node: fx.Node, origin: str, stats, hints: dict,
+    def _permute_inputs(self, program: Program, chosen: list, stats, counts: Counter) -> dict:
+        """Reorder each chosen layer's input channels (and its producer's outputs); returns permuted stats."""
+        permuted: dict = {}
+        for node, origin in chosen:
+            producer = producer_of(program, node)
+            weight = program.tensor(node.args[1])
+            in_f = weight.shape[1]
+            if producer is None or in_f % self.m:
+                continue
+            layer_stats = stats.get(origin, in_f) if stats is not None else None
+            norm = layer_stats.gram.diagonal().clamp_min(0).sqrt().float() if layer_stats is not None else 1.0
+            saliency = weight.detach().abs().float() * norm
+            perm = search_permutation(saliency, self.n, self.m)
+            if kept_saliency(saliency[:, perm], self.n, self.m) <= kept_saliency(saliency, self.n, self.m):
+                continue
+            self._replace_weight(program, node, 1, weight[:, perm], "input channels permuted")
+            self._replace_weight(program, producer, 1, program.tensor(producer.args[1])[perm], "outputs permuted")
+            if len(producer.args) > 2 and producer.args[2] is not None:
+                self._replace_weight(program, producer, 2, program.tensor(producer.args[2])[perm], "outputs permuted")
+            if layer_stats is not None:
+                permuted[node] = LayerStats(layer_stats.gram[perm][:, perm], layer_stats.abs_sum[perm],
+                                            layer_stats.rows)
+            counts["permuted"] += 1
+        return permuted
+
+    def _replace_weight(self, program: Program, node: fx.Node, index: int, value: torch.Tensor, note: str) -> None:
+        old = node.args[index]
+        with program.graph.inserting_before(node):
+            new = program.add_weight(f"{old.target}_perm", value, program.weights[old.target].origin, self.name, note)
+        node.update_arg(index, new)
+
+    def _rewrite(self, program: Program, node: fx.Node, origin: str, layer_stats, hints: dict,
                  ctx: PassContext) -> tuple[str, str]:
         weight = program.tensor(node.args[1])
         out_f, in_f = weight.shape
@@ -95,7 +136,6 @@ class NMSparsity(Pass):
                 raise PipelineError(f"nm: {origin} has {in_f} input features, which m={self.m} does not divide; "
                                     "choose an m that divides it or leave the layer out of only=")
             return "skipped-width", f"left dense: {in_f} input features are not a multiple of m={self.m}"
-        layer_stats = stats.get(origin, in_f) if stats is not None else None
         if self.method != "magnitude" and layer_stats is None:
             return "skipped-no-calibration-statistics", "left dense: no calibration statistics reached this layer"
         if self.method == "magnitude":
@@ -114,7 +154,14 @@ class NMSparsity(Pass):
             note["pred_err"] = round((float(((diff @ layer_stats.gram) * diff).sum()) / max(total, 1e-30)) ** 0.5, 4)
         bias = node.args[2] if len(node.args) > 2 else None
         with program.graph.inserting_before(node):
-            if layout == "compressed":
+            if layout == "compressed" and _has_cuda_2_4(pruned, self.n, self.m):
+                # torch's semi-structured tensor (cuSPARSELt/CUTLASS): a plain linear runs the sparse kernel
+                from torch.sparse import to_sparse_semi_structured
+
+                w = program.add_weight(f"{origin}_2of4", to_sparse_semi_structured(pruned), origin, self.name,
+                                       "2:4 semi-structured (CUDA)")
+                new = program.graph.call_function(LINEAR, (node.args[0], w, bias))
+            elif layout == "compressed":
                 values, indices = compress(pruned, mask, self.n, self.m)
                 v = program.add_weight(f"{origin}_values", values, origin, self.name, f"{self.n}:{self.m} values")
                 i = program.add_weight(f"{origin}_indices", indices, origin, self.name, f"{self.n}:{self.m} indices")
@@ -145,3 +192,7 @@ class NMSparsity(Pass):
         reason = ("sparse kernel predicted slower" if has_kernel
                   else f"{ctx.profile.name} has no {self.n}:{self.m} kernel for {dtype}")
         return "dense", f"dense layout, mask only: {reason} ({sparse * 1e6:.1f} us vs dense {dense * 1e6:.1f} us)"
+
+
+def _has_cuda_2_4(weight: torch.Tensor, n: int, m: int) -> bool:
+    return weight.is_cuda and (n, m) == (2, 4) and weight.dtype in (torch.float16, torch.bfloat16)

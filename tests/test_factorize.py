@@ -15,7 +15,6 @@ from slimfx.hw_profiles import load_profile
 from slimfx.ir import CONV2D, LINEAR
 from slimfx.ir.ops import LOWRANK_LINEAR
 from slimfx.models import evaluate
-from slimfx.passes import PassManager, PassContext
 from slimfx.passes.calibration import LayerStats, collect_stats
 from slimfx.passes.factorize import layer_candidates
 from slimfx.passes.lowrank import factorize_matrix

@@ -13,7 +13,7 @@ import slimfx
 from slimfx.errors import ProfileError
 from slimfx.hw_profiles import (break_even, break_even_rank, builtin_profiles, kernel_latency, latency, load_profile,
                                 node_kernels, program_cost)
-from slimfx.hw_profiles.cost_model import M, N, K, Kernel, conv2d, dense_linear, lowrank_linear, nm_linear, quant_linear, r
+from slimfx.hw_profiles.cost_model import M, N, K, Kernel, conv2d, dense_linear, lowrank_linear, nm_linear, quant_linear
 from slimfx.hw_profiles.profiles import parse_profile, to_toml
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,6 +57,13 @@ class Pass:
 
     def invalid(self, option: str, message: str) -> PipelineError:
         return PipelineError(f"{self.name}: option {option}={getattr(self, option)!r} {message}")
+
+    def check_regex(self, *options: str) -> None:
+        for option in options:
+            try:
+                re.compile(getattr(self, option))
+            except re.error as exc:
+                raise self.invalid(option, f"is not a valid regex: {exc}") from None
 
 
 def register(cls: type[Pass]) -> type[Pass]:

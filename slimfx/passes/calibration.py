@@ -161,3 +161,15 @@ def resolve_stats(program: Program, calibration: Any, cache: dict) -> Activation
     if key not in cache:
         cache[key] = collect_stats(program, calibration)
     return cache[key]
+
+
+def require_stats(program: Program, ctx: Any, needed: bool, pass_text: str, data_free: str) -> ActivationStats | None:
+    """The statistics a data-aware method needs, or a CalibrationError that says how to provide them."""
+    stats = resolve_stats(program, ctx.calibration, ctx.cache)
+    if needed and stats is None:
+        raise CalibrationError(
+            f"{pass_text} needs calibration data: pass calibration= to slimfx.compress (an iterable of model-input "
+            "tuples; a DataLoader works) or options={'calibration': slimfx.collect_stats(model, data)} to "
+            f"torch.compile; or use {data_free}"
+        )
+    return stats

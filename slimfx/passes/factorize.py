@@ -16,14 +16,14 @@ from typing import Literal, Optional
 import torch
 import torch.fx as fx
 
-from ..errors import CalibrationError, PipelineError
+from ..errors import PipelineError
 from ..hw_profiles.cost_model import conv2d as conv_kernels
 from ..hw_profiles.cost_model import dense_linear, latency, lowrank_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.ops import LOWRANK_LINEAR
 from ..ir.program import CONV2D, LINEAR, Program
 from .base import Pass, PassContext, register
-from .calibration import resolve_stats
+from .calibration import require_stats
 from .lowrank import LowRankFactors, factorize_matrix, spatial_factors
 
 
@@ -65,11 +65,7 @@ class Factorize(Pass):
             raise self.invalid("energy", "must be in (0, 1]: the fraction of output energy to keep")
         if not 0 < self.alpha <= 1:
             raise self.invalid("alpha", "must be in (0, 1]")
-        if self.exclude:
-            try:
-                re.compile(self.exclude)
-            except re.error as exc:
-                raise self.invalid("exclude", f"is not a valid regex: {exc}") from None
+        self.check_regex("exclude")
 
     # -- choosing ----------------------------------------------------------------------------------------------
     def choose_rank(self, origin: str, factors: LowRankFactors, out_f: int, in_f: int, multiple: int) -> int:
@@ -92,13 +88,7 @@ class Factorize(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> Counter:
         counts: Counter = Counter()
-        stats = resolve_stats(program, ctx.calibration, ctx.cache)
-        if self.method != "svd" and stats is None:
-            raise CalibrationError(
-                f"factorize{{method={self.method}}} needs calibration data: pass calibration= to slimfx.compress "
-                "(an iterable of model-input tuples, a DataLoader works) or options={'calibration': "
-                "slimfx.collect_stats(model, data)} to torch.compile; or use method=svd"
-            )
+        stats = require_stats(program, ctx, self.method != "svd", f"factorize{{method={self.method}}}", "method=svd")
         multiple = ctx.profile.rank_multiple if ctx.profile is not None else 1
         hints = size_hints(program.graph)
         for node in list(program.graph.nodes):

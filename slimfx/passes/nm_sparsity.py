@@ -15,15 +15,14 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from ..errors import CalibrationError, PipelineError
+from ..errors import PipelineError
 from ..hw_profiles.cost_model import dense_linear, latency, nm_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.ops import NM_LINEAR
 from ..ir.program import LINEAR, Program
 from ..ir.sparse_format import compress
 from .base import Pass, PassContext, register
-from .calibration import resolve_stats
-from .calibration import LayerStats
+from .calibration import LayerStats, require_stats
 from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
 from .nm_permute import kept_saliency, producer_of, search_permutation
 
@@ -55,21 +54,12 @@ class NMSparsity(Pass):
             raise self.invalid("block", f"must be >= m={self.m}")
         if not 0 <= self.damp < 1:
             raise self.invalid("damp", "must be in [0, 1)")
-        for option in ("exclude", "only"):
-            try:
-                re.compile(getattr(self, option))
-            except re.error as exc:
-                raise self.invalid(option, f"is not a valid regex: {exc}") from None
+        self.check_regex("exclude", "only")
 
     def run(self, program: Program, ctx: PassContext) -> Counter:
         counts: Counter = Counter()
-        stats = resolve_stats(program, ctx.calibration, ctx.cache)
-        if self.method != "magnitude" and stats is None:
-            raise CalibrationError(
-                f"nm{{method={self.method}}} needs calibration data: pass calibration= to slimfx.compress (an "
-                "iterable of model-input tuples) or options={'calibration': slimfx.collect_stats(model, data)} to "
-                "torch.compile; or use method=magnitude"
-            )
+        stats = require_stats(program, ctx, self.method != "magnitude", f"nm{{method={self.method}}}",
+                              "method=magnitude")
         layers = [n for n in program.graph.nodes
                   if n.op == "call_function" and n.target == LINEAR and program.is_weight(n.args[1])]
         if self.skip_first:

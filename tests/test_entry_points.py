@@ -143,3 +143,19 @@ def test_cli_demo_and_errors(capsys):
 def test_cli_help_runs_as_a_program():
     out = subprocess.run([sys.executable, "-m", "slimfx.cli", "--help"], capture_output=True, text=True, check=True)
     assert "compress" in out.stdout and "explain" in out.stdout and "demo" in out.stdout
+
+
+def test_lossy_pipelines_never_touch_the_users_model(digits_mlp):
+    model, data = digits_mlp
+    model.train()  # a model left in training mode must come back in training mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = {k: id(p) for k, p in model.named_parameters()}
+    calibration = [(data.train_x[i : i + 64],) for i in range(0, 256, 64)]
+    result = slimfx.compress(model, (data.test_x[:16],), calibration=calibration,
+                             pipeline="factorize{keep=0.5,exclude=fc3},nm{method=sparsegpt,permute=true},dead-code")
+    assert model.training
+    model.eval()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {k: id(p) for k, p in model.named_parameters()} == ids
+    assert result.report.params_after < result.report.params_before

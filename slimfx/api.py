@@ -59,9 +59,11 @@ def compress(
     manager = PassManager(pipeline, check=check, on_pass=on_pass)  # fail fast on a bad pipeline
     ctx = PassContext(profile=resolve_profile(profile), calibration=calibration)
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
-    reference = check_model_runs(model, args, kwargs) if not model.training else None
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    reference = _eval_outputs(model, args, kwargs)  # also rejects inputs the model does not accept
     try:
-        program = capture(model, args, kwargs, dynamic=dynamic)
+        program = capture(model, args, kwargs, dynamic=dynamic, check_inputs=False)
     except CaptureError as exc:
         if "does not run on the example inputs" in str(exc):
             raise
@@ -70,8 +72,6 @@ def compress(
     report = manager.run(program, ctx)
     result = CompressedModule(program.gm, report, program)
     with torch.no_grad():
-        if reference is None:
-            reference = _eval_outputs(model, args, kwargs)
         report.final_rel_error = relative_error(reference, result(*args, **kwargs))
     return result
 

@@ -126,7 +126,7 @@ def measure_weight_only(device: str, dense_seconds: Callable[[int, int, int], fl
     return result
 
 
-def measure_2_4(device: str, launch: float) -> dict:
+def measure_2_4(device: str) -> dict:
     """CUDA only: speedup of torch's semi-structured sparse matmul on a large fp16 GEMM, and its fixed cost."""
     if device != "cuda":
         return {}
@@ -171,7 +171,7 @@ def calibrate(device: str | None = None, name: str | None = None, base: str | No
             return measure(lambda: F.linear(x, w), device)
 
         extras = measure_weight_only(device, dense_seconds) if device == "cpu" else {}
-        extras.update(measure_2_4(device, launch))
+        extras.update(measure_2_4(device))
     label = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()}-thread CPU"
     measured = {"launch_us": round(launch * 1e6, 3), "gemv_bandwidth_gbs": round(bandwidth / 1e9, 3),
                 "copy_bandwidth_gbs": round(copy_bandwidth / 1e9, 3), "gemm_points": len(GEMM_GRID),

@@ -63,11 +63,12 @@ def capture(
     example_kwargs: dict | None = None,
     *,
     dynamic: bool = True,
+    check_inputs: bool = True,
 ) -> Program:
     """Trace ``model`` into a canonical ``Program``. The model is never modified (its mode is restored).
 
     ``dynamic=True`` keeps sizes symbolic where the model allows, so the result accepts other batch sizes and
-    sequence lengths.
+    sequence lengths. ``check_inputs=False`` skips the eager validation run (for callers that just did it).
     """
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
     if not isinstance(model, torch.nn.Module):
@@ -75,7 +76,8 @@ def capture(
     was_training = model.training
     try:
         model.eval()
-        check_model_runs(model, args, kwargs)
+        if check_inputs:
+            check_model_runs(model, args, kwargs)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -10,7 +10,7 @@ import torch
 from .backend import DEFAULT_PIPELINE, slimfx_backend
 from .errors import CaptureError
 from .hw_profiles.profiles import resolve_profile
-from .ir.capture import _as_args, capture, check_model_runs
+from .ir.capture import _as_args, capture, check_model_runs, require_module
 from .ir.program import Program
 from .passes import PassContext, PassManager, Report, relative_error
 from .passes.pipeline import PipelineSpec
@@ -59,8 +59,7 @@ def compress(
     manager = PassManager(pipeline, check=check, on_pass=on_pass)  # fail fast on a bad pipeline
     ctx = PassContext(profile=resolve_profile(profile), calibration=calibration)
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
-    if not isinstance(model, torch.nn.Module):
-        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    require_module(model)
     reference = _eval_outputs(model, args, kwargs)  # also rejects inputs the model does not accept
     try:
         program = capture(model, args, kwargs, dynamic=dynamic, check_inputs=False)

@@ -35,10 +35,13 @@ def _as_args(example_inputs: Any) -> tuple:
     return example_inputs
 
 
-def check_model_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Run the model eagerly once; a failure here means the model and the inputs disagree."""
+def require_module(model: Any) -> None:
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_model_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Run the model eagerly once; a failure here means the model and the inputs disagree."""
     try:
         with torch.no_grad():
             return model(*args, **kwargs)
@@ -71,8 +74,7 @@ def capture(
     sequence lengths. ``check_inputs=False`` skips the eager validation run (for callers that just did it).
     """
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
-    if not isinstance(model, torch.nn.Module):
-        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    require_module(model)
     was_training = model.training
     try:
         model.eval()

@@ -8,8 +8,9 @@ from .ir import Program, capture, verify
 from .passes import Pass, PassManager, Report, parse_pipeline
 from .passes.calibration import ActivationStats
 from .passes.calibration import collect_model_stats as collect_stats
+from .serialize import load, save
 
 __all__ = ["ActivationStats", "collect_stats", "DEFAULT_PIPELINE", "CalibrationError", "CaptureError", "CompressedModule", "NumericalMismatchError",
            "Pass", "PassManager", "PipelineError", "ProfileError", "Program", "Report", "SlimfxError",
-           "VerificationError", "capture", "compress", "parse_pipeline", "slimfx_backend", "verify"]
+           "VerificationError", "capture", "compress", "load", "parse_pipeline", "save", "slimfx_backend", "verify"]
 __version__ = "0.1.0"

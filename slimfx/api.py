@@ -7,35 +7,44 @@ from typing import Any, Callable
 
 import torch
 
-from .backend import DEFAULT_PIPELINE, slimfx_backend
-from .errors import CaptureError
+from .backend import DEFAULT_PIPELINE
+from .errors import CaptureError, ModelInputError, ShapePropagationError, one_line
 from .hw_profiles.profiles import resolve_profile
 from .ir.capture import _as_args, capture, check_model_runs, require_module
+from .ir.partition import Part, describe_cause, partition, replace_submodule
 from .ir.program import Program
 from .passes import PassContext, PassManager, Report, relative_error
+from .passes.calibration import ActivationStats, check_calibration, collect_part_stats
 from .passes.pipeline import PipelineSpec
+
+
+BROKEN_ERROR = 0.8  # a relative output error this close to 1 means the outputs have little left of the original
 
 
 class CompressedModule(torch.nn.Module):
     """The result of ``compress``: call it like the original model. ``.report`` says what changed.
 
-    When the model could be captured as one graph (the usual case) this owns only the compressed weights.
-    Otherwise (``.program is None``) it runs a compiled copy of the model whose subgraphs were compressed.
+    Usually the whole model was captured as one graph (``.program``), and this module owns only its weights,
+    compressed ones included. A model that does not capture as one graph keeps its eager top-level code, with the
+    submodules that did capture replaced by their compressed graphs (``.parts``); it owns no dense copy of what
+    they replaced either.
     """
 
-    def __init__(self, runner: torch.nn.Module, report: Report, program: Program | None):
+    def __init__(self, runner: torch.nn.Module, report: Report, program: Program | None,
+                 parts: list[Part] | None = None):
         super().__init__()
         self.runner = runner
         self.report = report
         self.program = program
+        self.parts = parts or []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.runner(*args, **kwargs)
 
     def print_ir(self) -> str:
-        if self.program is None:
-            return "(compiled through torch.compile around graph breaks: no single IR to print)"
-        return self.program.print()
+        if self.program is not None:
+            return self.program.print()
+        return "\n\n".join(f"== {part.name} ==\n{part.program.print()}" for part in self.parts)
 
 
 def compress(
@@ -52,27 +61,39 @@ def compress(
 ) -> CompressedModule:
     """Compress ``model`` with ``pipeline`` (text like ``"fold-bn,factorize{keep=0.5}"`` or Pass objects).
 
-    The user's model is not modified. ``report.final_rel_error`` is the output error against the original
-    model on the example inputs. If the model cannot be captured as one graph it is compiled around its graph
-    breaks instead, with a warning.
+    The user's model is not modified. ``calibration`` is an iterable of batches, each a full set of model
+    inputs (a tuple, or a dict of keyword inputs). ``report.final_rel_error`` is the output error against the
+    original model on the example inputs; above ``BROKEN_ERROR`` a warning names the layers most to blame.
     """
     manager = PassManager(pipeline, check=check, on_pass=on_pass)  # fail fast on a bad pipeline
     ctx = PassContext(profile=resolve_profile(profile), calibration=calibration)
+    check_calibration(calibration, "slimfx.compress")
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
     require_module(model)
     reference = _eval_outputs(model, args, kwargs)  # also rejects inputs the model does not accept
     try:
-        program = capture(model, args, kwargs, dynamic=dynamic, check_inputs=False)
+        program = _capture(model, args, kwargs, dynamic)
+    except ModelInputError:
+        raise
     except CaptureError as exc:
-        if "does not run on the example inputs" in str(exc):
-            raise
-        warnings.warn(f"{exc} Falling back to compressing each Dynamo subgraph.", stacklevel=2)
-        return _compress_around_graph_breaks(model, args, kwargs, manager, ctx)
+        return _compress_parts(model, args, kwargs, manager, ctx, dynamic, reference, exc)
     report = manager.run(program, ctx)
+    report.notes[:0] = program.notes
     result = CompressedModule(program.gm, report, program)
-    with torch.no_grad():
-        report.final_rel_error = relative_error(reference, result(*args, **kwargs))
+    _finish_report(report, reference, result, args, kwargs)
     return result
+
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Program:
+    """Capture with symbolic sizes; if shape propagation fails on them, once more with the example's sizes."""
+    try:
+        return capture(model, args, kwargs, dynamic=dynamic, check_inputs=False)
+    except ShapePropagationError as exc:
+        if not dynamic:
+            raise
+        program = capture(model, args, kwargs, dynamic=False, check_inputs=False)
+        program.notes.append(f"captured with the example's fixed sizes: with symbolic sizes, {one_line(exc)}")
+        return program
 
 
 def _eval_outputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -83,15 +104,39 @@ def _eval_outputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         model.train(was_training)
 
 
-def _compress_around_graph_breaks(model: torch.nn.Module, args: tuple, kwargs: dict, manager: PassManager,
-                                  ctx: PassContext) -> CompressedModule:
-    model_copy = copy.deepcopy(model).eval()
-    report = Report(pipeline=",".join(str(p) for p in manager.passes))
-    options = {"pipeline": manager.passes, "profile": ctx.profile, "calibration": ctx.calibration,
-               "inductor": False, "check": manager.check, "report": report}
-    compiled = torch.compile(model_copy, backend=lambda gm, inputs: slimfx_backend(gm, inputs, options))
+def _finish_report(report: Report, reference: Any, result: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     with torch.no_grad():
-        reference = check_model_runs(model_copy, args, kwargs)
-        report.final_rel_error = relative_error(reference, compiled(*args, **kwargs))
-    report.notes.append("captured around graph breaks: the module keeps a copy of the dense weights")
-    return CompressedModule(compiled, report, None)
+        report.final_rel_error = relative_error(reference, result(*args, **kwargs))
+    if report.final_rel_error > BROKEN_ERROR:
+        worst = ", ".join(f"{name} ({err:.2f})" for name, err in report.worst_layers()) or "none recorded"
+        warnings.warn(
+            f"the compressed model's output error is {report.final_rel_error:.2f} relative to the original: it is "
+            f"probably broken. Largest predicted layer errors: {worst}. Keep more (e.g. a higher keep=), exclude "
+            "those layers (exclude=...), or pass calibration data for a data-aware method.", stacklevel=3)
+
+
+def _compress_parts(model: torch.nn.Module, args: tuple, kwargs: dict, manager: PassManager, ctx: PassContext,
+                    dynamic: bool, reference: Any, cause: CaptureError) -> CompressedModule:
+    """Compress every submodule that captures on its own; the rest of the model stays eager Python."""
+    runner = copy.deepcopy(model).eval()
+    split = partition(runner, args, kwargs, dynamic)
+    if not split.parts:
+        raise CaptureError(f"{type(model).__name__} cannot be captured, and none of its submodules can either: "
+                           f"{describe_cause(cause)}") from cause
+    warnings.warn(f"{type(model).__name__} is not one graph ({describe_cause(cause)}); compressing its "
+                  f"{len(split.parts)} capturable submodules separately", stacklevel=3)
+    calibration = ctx.calibration
+    if calibration is not None and not isinstance(calibration, ActivationStats):
+        calibration = collect_part_stats(runner, split.parts, calibration)
+    report = Report(pipeline=",".join(str(p) for p in manager.passes))
+    report.notes.append(f"captured as {len(split.parts)} parts around untraceable code: {', '.join(split.names())}")
+    report.notes.extend(split.notes)
+    for part in split.parts:
+        part_ctx = PassContext(profile=ctx.profile, calibration=calibration)
+        report.merge(manager.run(part.program, part_ctx))
+        report.notes.extend(part.program.notes)
+        replace_submodule(runner, part.name, part.program.gm)
+    report.pipeline = ",".join(str(p) for p in manager.passes)
+    result = CompressedModule(runner, report, None, split.parts)
+    _finish_report(report, reference, result, args, kwargs)
+    return result

@@ -14,9 +14,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .errors import PipelineError, SlimfxError
+from .errors import CONFIGURATION_ERRORS, PipelineError, SlimfxError, one_line
 from .ir.capture import from_dynamo
 from .passes import PassContext, PassManager, Report
+from .passes.calibration import check_calibration
 
 DEFAULT_PIPELINE = "dead-code,fold-bn"
 
@@ -40,6 +41,7 @@ class BackendOptions:
             raise PipelineError(f"unknown slimfx backend option(s) {unknown}; known options: {sorted(known)}")
         result = cls(**options)
         PassManager(result.pipeline)  # parse now: a bad pipeline fails at the first call with a clear message
+        check_calibration(result.calibration, "torch.compile(..., backend='slimfx')")
         return result
 
 
@@ -51,18 +53,25 @@ def _concrete(value: Any) -> Any:
 
 def slimfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                    mode: str | None = None) -> Callable:
+    """Run the pipeline on one Dynamo graph, then hand the result to Inductor (or run it eagerly).
+
+    A configuration mistake (pipeline, profile, calibration) raises, exactly as ``compress`` does. Trouble with
+    the graph itself (an op slimfx cannot capture, a failing rewrite) warns in one line and returns the graph
+    exactly as Dynamo gave it: ``from_dynamo`` works on a copy, so nothing is left half rewritten.
+    """
     opts = BackendOptions.parse(options)
+    from .hw_profiles.profiles import resolve_profile
+
+    ctx = PassContext(profile=resolve_profile(opts.profile), calibration=opts.calibration)
+    manager = PassManager(opts.pipeline, check=opts.check, on_pass=opts.on_pass)
     inputs = [_concrete(v) for v in example_inputs]
     try:
         program = from_dynamo(gm, inputs)
-        from .hw_profiles.profiles import resolve_profile
-
-        ctx = PassContext(profile=resolve_profile(opts.profile), calibration=opts.calibration)
-        report = PassManager(opts.pipeline, check=opts.check, on_pass=opts.on_pass).run(program, ctx)
-    except PipelineError:
+        report = manager.run(program, ctx)
+    except CONFIGURATION_ERRORS:
         raise
     except SlimfxError as exc:
-        warnings.warn(f"slimfx left a graph untouched: {exc}", stacklevel=2)
+        warnings.warn(f"slimfx left a graph untouched: {one_line(exc)}", stacklevel=2)
         return _finish(gm, example_inputs, opts)
     if opts.report is not None:
         opts.report.pipeline = report.pipeline
@@ -83,9 +92,18 @@ def _finish(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOpti
 
 
 def _register() -> None:
-    """Make the name work even when slimfx was not pip-installed (the entry point covers installed copies)."""
+    """Register the name for copies of slimfx that are not pip-installed.
+
+    An installed copy declares a ``torch_dynamo_backends`` entry point, and torch registers the name itself when it
+    loads that entry point (which imports this module). Registering here as well would make torch's own
+    registration fail with "duplicate name: slimfx" in a process that has not imported slimfx first.
+    """
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends import registry
 
+    if any(ep.name == "slimfx" for ep in entry_points(group="torch_dynamo_backends")):
+        return
     if "slimfx" not in registry._COMPILER_FNS:
         registry.register_backend(slimfx_backend, name="slimfx")
 

@@ -14,6 +14,14 @@ class CaptureError(SlimfxError, RuntimeError):
     """The model could not be traced into one graph, or model and inputs disagree."""
 
 
+class ModelInputError(CaptureError):
+    """The model does not run eagerly on the inputs it was given: model and inputs disagree."""
+
+
+class ShapePropagationError(CaptureError):
+    """Fake-tensor propagation through a captured graph failed at one op (named in the message)."""
+
+
 class VerificationError(SlimfxError, AssertionError):
     """The IR broke one of the rules in ``slimfx/ir/README.md`` (a bug in a pass)."""
 
@@ -28,3 +36,18 @@ class ProfileError(SlimfxError, ValueError):
 
 class CalibrationError(SlimfxError, ValueError):
     """A data-aware pass needs calibration data, or the data does not fit the model."""
+
+
+# Mistakes in what the user asked for: every entry point raises these. Anything else that goes wrong with a graph
+# (an op slimfx cannot capture) leaves that graph untouched with a one-line warning where that is possible.
+CONFIGURATION_ERRORS = (PipelineError, ProfileError, CalibrationError)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first sentence of an error, for one-line warnings (no graph dumps, no pytree internals)."""
+    text = " ".join(str(exc).split())
+    for stop in (". ", "; "):
+        cut = text.find(stop, 40)
+        if 0 < cut < limit:
+            return text[: cut + 1].rstrip(";") if stop == ". " else text[:cut]
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -49,19 +49,19 @@ class SharedConvBN(nn.Module):
 
 
 class GraphBreakNet(nn.Module):
-    """Data-dependent Python control flow: Dynamo breaks the graph, export cannot trace it."""
+    """Data-dependent Python control flow in the top-level forward, as in many real models: Dynamo breaks the
+    graph there and export cannot trace the model, but its feature extractor and head trace on their own."""
 
-    def __init__(self):
+    def __init__(self, width: int = 8, hidden: int = 4):
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        y = self.features(x).mean((2, 3))
         if y.sum() > 0:  # depends on tensor values
             y = y * 2
-        return self.fc(y)
+        return self.head(y)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

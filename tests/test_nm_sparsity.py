@@ -79,9 +79,11 @@ def _losses(model, data, methods=("magnitude", "wanda", "sparsegpt")):
     return losses
 
 
-def test_wanda_beats_magnitude_and_sparsegpt_beats_wanda_on_a_trained_cnn(digits_cnn):
+def test_sparsegpt_beats_both_one_shot_masks_on_a_trained_cnn(digits_cnn):
+    # On this CNN at 2:4, wanda and magnitude land within a few percent of each other and their order changes
+    # with the training run (0.190 vs 0.220 in one, 0.207 vs 0.203 in another), so only the clear gap is asserted.
     losses = _losses(*digits_cnn)
-    assert losses["sparsegpt"] < losses["wanda"] < losses["magnitude"]
+    assert losses["sparsegpt"] < 0.8 * min(losses["wanda"], losses["magnitude"])
 
 
 def test_wanda_beats_magnitude_and_sparsegpt_beats_wanda_on_a_trained_mlp(digits_mlp):
@@ -122,7 +124,7 @@ def test_exclusions_and_widths(digits_transformer):
     odd = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     report = slimfx.compress(odd, (torch.randn(2, 6),), pipeline="nm{method=magnitude}").report
     assert report.rewrites("nm") == {"skipped-width": 1, "compressed": 1}
-    assert any("6 input features are not a multiple of m=4" in n for n in report.notes)
+    assert [s.reason for s in report.skipped] == ["6 input features are not a multiple of m=4"]
     with pytest.raises(PipelineError, match="m=4 does not divide"):
         slimfx.compress(odd, (torch.randn(2, 6),), pipeline="nm{method=magnitude,only=^0}")
 

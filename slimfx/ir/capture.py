@@ -8,16 +8,22 @@ Both then bind weights as ``get_attr`` nodes and canonicalize, so passes see one
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
+import logging
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError
+from ..errors import CaptureError, ModelInputError, one_line
 from .canonicalize import canonicalize
+from .fake_prop import size_one_stays_dynamic
+from .model_outputs import accepts_use_cache, register_output_types, unknown_output_type, without_cache
 from .program import Program, WeightInfo, fetch_attr
 from .verify import verify
 
@@ -47,17 +53,69 @@ def check_model_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
             return model(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - reported with the shapes that caused it
         shapes = pytree.tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, (args, kwargs))
-        raise CaptureError(
+        raise ModelInputError(
             f"{type(model).__name__} does not run on the example inputs {shapes}: {type(exc).__name__}: {exc}. "
             "Pass example inputs with the shapes and dtypes the model's forward expects."
         ) from exc
 
 
-def _dynamic_shapes(args: tuple, dynamic: bool) -> Any:
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Any:
+    """Every tensor dimension may vary (export keeps one static where the model requires it), keyed by argument."""
     if not dynamic:
         return None
-    auto = torch.export.Dim.AUTO  # sizes 0/1 would be specialized anyway (with a warning): leave them static
-    return pytree.tree_map(lambda t: {i: auto for i in range(t.dim()) if t.shape[i] > 1} if isinstance(t, torch.Tensor) else None, args)
+    auto = torch.export.Dim.AUTO
+
+    def spec(value: Any) -> Any:
+        return pytree.tree_map(lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None,
+                               value)
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None if kwargs else spec(args)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """A failed trace is reported once, by us, in one line; torch's own log lines (and the partial graph it prints
+    to stderr) would repeat it at length."""
+    loggers = [logging.getLogger(name) for name in ("torch.fx.experimental.symbolic_shapes", "torch._export",
+                                                      "torch.export", "torch._dynamo")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool, notes: list[str]) -> tuple[Any, dict]:
+    """torch.export(strict=False) with the model's output types registered; returns (exported, kwargs used)."""
+    register_output_types(model)
+    for attempt in range(2):
+        try:
+            with warnings.catch_warnings(), size_one_stays_dynamic(), _quiet_torch_logs():
+                warnings.simplefilter("ignore")
+                exported = torch.export.export(model, args, kwargs,
+                                               dynamic_shapes=_dynamic_shapes(model, args, kwargs, dynamic),
+                                               strict=False)
+            return exported, kwargs
+        except Exception as exc:  # noqa: BLE001
+            if attempt == 0 and unknown_output_type(exc) and accepts_use_cache(model) and kwargs.get("use_cache") is not False:
+                kwargs = without_cache(kwargs)
+                notes.append(f"{type(model).__name__} returns a cache type export cannot carry: captured with "
+                             "use_cache=False, so the compressed module returns no past_key_values")
+                continue
+            raise CaptureError(
+                f"could not trace {type(model).__name__} into one graph with torch.export(strict=False): "
+                f"{one_line(exc)} Make forward traceable (no Python branching on tensor values; outputs made of "
+                "tensors, tuples, lists, dicts or dataclasses), or use torch.compile(model, backend='slimfx')."
+            ) from exc
+    raise AssertionError("unreachable")
 
 
 def capture(
@@ -67,11 +125,13 @@ def capture(
     *,
     dynamic: bool = True,
     check_inputs: bool = True,
+    origin_prefix: str = "",
 ) -> Program:
     """Trace ``model`` into a canonical ``Program``. The model is never modified (its mode is restored).
 
     ``dynamic=True`` keeps sizes symbolic where the model allows, so the result accepts other batch sizes and
     sequence lengths. ``check_inputs=False`` skips the eager validation run (for callers that just did it).
+    ``origin_prefix`` names weights as in an enclosing model when a submodule is captured on its own.
     """
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
     require_module(model)
@@ -80,20 +140,8 @@ def capture(
         model.eval()
         if check_inputs:
             check_model_runs(model, args, kwargs)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                exported = torch.export.export(
-                    model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, dynamic and not kwargs), strict=False
-                )
-        except Exception as exc:  # noqa: BLE001
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CaptureError(
-                f"could not trace {type(model).__name__} into one graph with torch.export(strict=False): {first}. "
-                "Make forward traceable (no Python branching on tensor values; outputs made of tensors, tuples, "
-                "lists, dicts or dataclasses, e.g. use_cache=False for Hugging Face models), or use "
-                "torch.compile(model, backend='slimfx'), which compresses each subgraph around graph breaks."
-            ) from exc
+        notes: list[str] = []
+        exported, kwargs = _export(model, args, kwargs, dynamic, notes)
     finally:
         model.train(was_training)
     gm = exported.module()
@@ -103,8 +151,9 @@ def capture(
         if node.op == "get_attr":
             value = fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
-                weights[node.target] = WeightInfo(origin=names.get(id(value), f"constant:{node.target}"))
-    program = Program(gm, weights, args, kwargs, frontend="export")
+                weights[node.target] = WeightInfo(origin=origin_prefix + names[id(value)] if id(value) in names
+                                                      else f"constant:{origin_prefix}{node.target}")
+    program = Program(gm, weights, args, kwargs, frontend="export", notes=notes)
     canonicalize(program)
     verify(program)
     return program
@@ -126,12 +175,15 @@ def _weight_origin(node: fx.Node, value: Any, flat_to_fqn: dict) -> str | None:
     return None
 
 
-def from_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program:
+def from_dynamo(dynamo_gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program:
     """Bind a Dynamo graph's weight placeholders to the real tensors (by identity) and canonicalize.
 
-    The placeholders stay (they are the compiled function's calling convention); their uses move to
-    ``get_attr`` nodes holding the same tensors, so passes can replace weights freely.
+    Works on a copy of the graph (node metadata shared, tensors not copied), so the graph Dynamo gave stays as it
+    was whatever a pass does later: the backend can always fall back to it. The placeholders stay (they are the
+    compiled function's calling convention); their uses move to ``get_attr`` nodes holding the same tensors, so
+    passes can replace weights freely.
     """
+    gm = _copy_graph_module(dynamo_gm)
     flat_to_fqn = gm.meta.get("dynamo_flat_name_to_original_fqn", {})
     program = Program(gm, {}, tuple(example_inputs), frontend="dynamo", keep_signature=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -156,3 +208,14 @@ def from_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program:
     canonicalize(program)
     verify(program)
     return program
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    copied: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:  # node_copy keeps names and (shallow-copied) meta
+        copied[node] = graph.node_copy(node, copied.__getitem__)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy

@@ -6,11 +6,15 @@ a graph captured with dynamic shapes stays symbolic through every pass.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from ..errors import ShapePropagationError, one_line
 
 if TYPE_CHECKING:
     from .program import Program
@@ -39,7 +43,12 @@ class _FakeInterpreter(fx.Interpreter):
             return n.meta["val"]
         if n.op == "call_module" and not n.users:
             return None  # export's input guard module: a check, not a value
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except Exception as exc:  # noqa: BLE001 - named by op, so the user knows what to report or rewrite
+            raise ShapePropagationError(
+                f"shape propagation failed at %{n.name} ({n.target}): {type(exc).__name__}: {one_line(exc)}"
+            ) from exc
         if n.op != "output":
             n.meta["val"] = result
         return result
@@ -54,6 +63,21 @@ class _FakeInterpreter(fx.Interpreter):
         return self._fakes[key]
 
 
+def size_one_stays_dynamic() -> Any:
+    """Export specializes sizes of 1 (a batch of 1 would fix the batch size forever) unless told otherwise.
+
+    Capture and every later shape propagation run under the same setting: symbolic reasoning about a size whose
+    hint is 1 is both wrong and very slow otherwise (minutes for GPT-2 at batch 1).
+    """
+    try:
+        from torch.fx.experimental import _config as config
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return config.patch(backed_size_oblivious=True)
+
+
 def refresh_metadata(program: "Program") -> None:
     """Re-run the graph on fake tensors and store every node's result in ``meta["val"]``."""
     mode = fake_mode_of(program)
@@ -62,7 +86,7 @@ def refresh_metadata(program: "Program") -> None:
         program.gm.meta["slimfx_fake_mode"] = mode
         for node, value in zip(_placeholders(program.graph), program.example_args):
             node.meta["val"] = mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
-    with mode, torch.no_grad():
+    with mode, enable_python_dispatcher(), size_one_stays_dynamic(), torch.no_grad():  # symbolic-size ops (pad, interpolate) need it
         _FakeInterpreter(program.gm, mode).run()
 
 

@@ -27,9 +27,31 @@ class PassContext:
     calibration: Any = None  # iterable of input tuples, or None
     notes: list[str] = field(default_factory=list)
     cache: dict[str, Any] = field(default_factory=dict)  # shared analyses (e.g. activation statistics)
+    skipped: list[Skip] = field(default_factory=list)
+    layer_errors: dict[str, float] = field(default_factory=dict)  # weight origin -> predicted relative error
 
     def note(self, message: str) -> None:
         self.notes.append(message)
+
+    def skip(self, pass_name: str, layer: str, reason: str) -> None:
+        """A layer a pass left alone, and why (the report groups these by reason)."""
+        self.skipped.append(Skip(pass_name, reason, layer))
+
+
+@dataclass(frozen=True)
+class Skip:
+    pass_name: str
+    reason: str
+    layer: str
+
+
+def is_shared_weight(program: Program, layer: Any) -> bool:
+    """True if the layer's weight is read elsewhere too (a tied lm_head, a layer applied twice).
+
+    A lossy pass leaves such a weight dense: rewriting one use would keep the dense tensor for the others, so the
+    model would grow.
+    """
+    return len(layer.args[1].users) > 1
 
 
 @dataclass

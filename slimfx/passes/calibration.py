@@ -88,51 +88,127 @@ class _Collector(fx.Interpreter):
         return super().run_node(n)
 
 
-def _as_batch(batch: Any) -> tuple:
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
+CALIBRATION_FORM = ("an iterable of batches, each a full set of model inputs: a tuple of positional inputs or a "
+                    "dict of keyword inputs, e.g. [(x1,), (x2,)] or [{'input_ids': ids, 'attention_mask': mask}]; "
+                    "a DataLoader of such batches works")
+
+
+def check_calibration(calibration: Any, where: str) -> None:
+    """Reject calibration data whose form is wrong before any work is done, saying what the form should be."""
+    if calibration is None or isinstance(calibration, ActivationStats):
+        return
+    if isinstance(calibration, torch.Tensor):
+        raise CalibrationError(f"calibration is one tensor of shape {tuple(calibration.shape)}; it must be "
+                               f"{CALIBRATION_FORM}. To use this tensor as one batch, pass [(x,)]")
+    if where.startswith("torch.compile"):
+        raise CalibrationError(
+            f"{where} takes calibration as statistics, not raw batches (a Dynamo graph's inputs are not the "
+            "model's): pass options={'calibration': slimfx.collect_stats(model, batches)}")
+    if not isinstance(calibration, Iterable) or isinstance(calibration, (str, bytes, dict)):
+        raise CalibrationError(f"calibration must be {CALIBRATION_FORM}; got {type(calibration).__name__}")
+
+
+def model_inputs(batch: Any, index: int) -> tuple[tuple, dict]:
+    """One calibration batch as (args, kwargs). Nothing from the example inputs is added to it."""
+    if isinstance(batch, dict):
+        return (), dict(batch)
     if isinstance(batch, (tuple, list)):
-        return tuple(batch)
-    raise CalibrationError(f"a calibration batch must be a tensor or a tuple of model inputs, got {type(batch).__name__}")
+        return tuple(batch), {}
+    form = f"(x,) for one input" if isinstance(batch, torch.Tensor) else "a tuple or a dict"
+    raise CalibrationError(f"calibration batch {index} is a {type(batch).__name__}, not {form}; calibration must be "
+                           f"{CALIBRATION_FORM}")
 
 
-def _describe(values: Iterable[Any]) -> str:
-    return "(" + ", ".join(f"{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in values) + ")"
+def _describe(args: tuple, kwargs: dict | None = None) -> str:
+    def one(v: Any) -> str:
+        return f"{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+    parts = [one(v) for v in args] + [f"{k}={one(v)}" for k, v in (kwargs or {}).items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+class _Accumulator:
+    """Feeds one program's calibration inputs through the statistics collector, checking their structure."""
+
+    def __init__(self, program: Program, stats: ActivationStats):
+        self.program, self.collector = program, _Collector(program, stats)
+        self.example = _describe(program.example_args, program.example_kwargs)
+        self.spec = pytree.tree_flatten((program.example_args, program.example_kwargs))[1]
+
+    def add(self, args: tuple, kwargs: dict, index: int) -> None:
+        example_kwargs = self.program.example_kwargs
+        if set(kwargs) == set(example_kwargs):  # keyword order does not matter
+            kwargs = {k: kwargs[k] for k in example_kwargs}
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.spec:
+            hint = " (drop labels, e.g. ((x,) for x, _ in loader))" if len(args) > len(self.program.example_args) else ""
+            raise CalibrationError(
+                f"calibration batch {index} {_describe(args, kwargs)} is not structured like the example inputs "
+                f"{self.example}; each batch must be a full set of the model's inputs{hint}"
+            )
+        try:
+            with torch.no_grad():
+                self.collector.run(*leaves)
+        except Exception as exc:  # noqa: BLE001
+            raise CalibrationError(
+                f"calibration batch {index} {_describe(args, kwargs)} does not fit the model, which was captured "
+                f"with {self.example}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+
+
+def _batches(data: Iterable[Any], max_batches: int | None) -> Iterable[tuple[int, tuple, dict]]:
+    for index, batch in enumerate(data):
+        if max_batches is not None and index >= max_batches:
+            break
+        yield (index, *model_inputs(batch, index))
 
 
 def collect_stats(program: Program, data: Iterable[Any], max_batches: int | None = None) -> ActivationStats:
-    """Run ``program`` on each calibration batch (a tuple of model inputs) and accumulate layer statistics."""
+    """Run ``program`` on each calibration batch (a full set of model inputs) and accumulate layer statistics."""
     if program.frontend != "export":
         raise CalibrationError(
             "calibration data can only be run through a captured model; for torch.compile pass "
             "options={'calibration': slimfx.collect_stats(model, data)} instead of raw batches"
         )
+    check_calibration(data, "slimfx.compress")
     stats = ActivationStats()
-    expected = len(program.example_args)
-    collector = _Collector(program, stats)
-    flat_spec = pytree.tree_flatten((program.example_args, program.example_kwargs))[1]
-    for index, batch in enumerate(data):
-        if max_batches is not None and index >= max_batches:
-            break
-        args = _as_batch(batch)
-        if len(args) != expected:
-            raise CalibrationError(
-                f"calibration batch {index} has {len(args)} elements but the model takes {expected} input(s) "
-                f"like {_describe(program.example_args)}; yield tuples of model inputs only (drop labels, "
-                "e.g. ((x,) for x, _ in loader))"
-            )
-        leaves, spec = pytree.tree_flatten((args, program.example_kwargs))
-        if spec != flat_spec:
-            raise CalibrationError(f"calibration batch {index} is structured differently from the example inputs")
-        try:
-            with torch.no_grad():
-                collector.run(*leaves)
-        except Exception as exc:  # noqa: BLE001
-            raise CalibrationError(
-                f"calibration batch {index} {_describe(args)} does not fit the model, which was captured with "
-                f"{_describe(program.example_args)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from exc
+    accumulator = _Accumulator(program, stats)
+    for index, args, kwargs in _batches(data, max_batches):
+        accumulator.add(args, kwargs, index)
         stats.batches += 1
+    if stats.batches == 0:
+        raise CalibrationError("the calibration data is empty: pass at least one batch of model inputs")
+    return stats
+
+
+def collect_part_stats(model: torch.nn.Module, parts: list, data: Iterable[Any],
+                       max_batches: int | None = None) -> ActivationStats:
+    """Statistics for a model captured part by part: run it eagerly, feeding each part's inputs to its collector."""
+    from ..ir.partition import on_part_inputs
+
+    check_calibration(data, "slimfx.compress")
+    stats = ActivationStats()
+    accumulators = {part.name: _Accumulator(part.program, stats) for part in parts}
+    current = {"index": 0}
+    handles = on_part_inputs(model, parts, lambda part, a, k: accumulators[part.name].add(a, k, current["index"]))
+    was_training = model.training
+    try:
+        model.eval()
+        for index, args, kwargs in _batches(data, max_batches):
+            current["index"] = index
+            try:
+                with torch.no_grad():
+                    model(*args, **kwargs)
+            except CalibrationError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise CalibrationError(f"calibration batch {index} {_describe(args, kwargs)} does not fit the model: "
+                                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            stats.batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
     if stats.batches == 0:
         raise CalibrationError("the calibration data is empty: pass at least one batch of model inputs")
     return stats
@@ -140,15 +216,27 @@ def collect_stats(program: Program, data: Iterable[Any], max_batches: int | None
 
 def collect_model_stats(model: torch.nn.Module, data: Iterable[Any], example_inputs: Any = None,
                         max_batches: int | None = None) -> ActivationStats:
-    """``slimfx.collect_stats(model, data)``: statistics for a model, usable by compress and by the backend."""
-    from ..ir.capture import capture
+    """``slimfx.collect_stats(model, data)``: statistics for a model, usable by compress and by the backend.
 
-    batches = list(data) if example_inputs is None else data
-    if example_inputs is None:
-        if not batches:
-            raise CalibrationError("the calibration data is empty: pass at least one batch of model inputs")
-        example_inputs = _as_batch(batches[0])
-    return collect_stats(capture(model, example_inputs), batches, max_batches)
+    Keyed by the model's own weight names, so they serve ``compress`` and every Dynamo graph of the model alike.
+    A model that does not capture as one graph is captured submodule by submodule, as ``compress`` does.
+    """
+    from ..errors import CaptureError, ModelInputError
+    from ..ir.capture import _as_args, capture
+    from ..ir.partition import partition
+
+    check_calibration(data, "slimfx.collect_stats")
+    batches = list(data)
+    if not batches:
+        raise CalibrationError("the calibration data is empty: pass at least one batch of model inputs")
+    args, kwargs = model_inputs(batches[0], 0) if example_inputs is None else (_as_args(example_inputs), {})
+    try:
+        program = capture(model, args, kwargs)
+    except ModelInputError:
+        raise
+    except CaptureError:
+        return collect_part_stats(model, partition(model, args, kwargs).parts, batches, max_batches)
+    return collect_stats(program, batches, max_batches)
 
 
 def resolve_stats(program: Program, calibration: Any, cache: dict) -> ActivationStats | None:

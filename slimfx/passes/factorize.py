@@ -22,7 +22,7 @@ from ..hw_profiles.cost_model import dense_linear, latency, lowrank_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.ops import LOWRANK_LINEAR
 from ..ir.program import CONV2D, LINEAR, Program
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, is_shared_weight, register
 from .calibration import require_stats
 from .lowrank import LowRankFactors, factorize_matrix, spatial_factors
 
@@ -99,10 +99,13 @@ class Factorize(Pass):
                 continue
             if program.weights[node.args[1].target].derived_by == self.name:
                 continue  # already one half of a factorized pair
-            outcome = self._rewrite(program, node, origin, stats, multiple, hints, ctx)
+            if is_shared_weight(program, node):
+                outcome = "skipped-shared-weight"
+            else:
+                outcome = self._rewrite(program, node, origin, stats, multiple, hints, ctx)
             counts[outcome] += 1
             if outcome.startswith("skipped"):
-                ctx.note(f"factorize: {origin} {outcome.replace('skipped-', 'skipped: ')}")
+                ctx.skip(self.name, origin, outcome.removeprefix("skipped-"))
         if self.rank is not None and not any(k in counts for k in ("linear", "conv-channel", "conv-spatial")) \
                 and counts.get("skipped-rank-too-large"):
             raise PipelineError(f"factorize: rank={self.rank} is >= min(out, in) of every layer, so nothing can "
@@ -142,6 +145,7 @@ class Factorize(Pass):
                 return "skipped-slower-on-profile"
         a, b = factors.truncate(rank, weight.dtype)
         note = {"rank": rank, "pred_err": round(factors.rel_error(rank), 4)}
+        ctx.layer_errors[origin] = factors.rel_error(rank)
         with program.graph.inserting_before(node):
             if not is_conv:
                 v = program.add_weight(f"{origin}_V", b, origin, self.name, f"V of rank {rank}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -13,7 +14,7 @@ from ..hw_profiles.op_costs import program_cost, program_flops
 from ..ir.fake_prop import refresh_metadata
 from ..ir.program import Program
 from ..ir.verify import verify
-from .base import Pass, PassContext
+from .base import Pass, PassContext, Skip
 from .pipeline import PipelineSpec, parse_pipeline
 
 
@@ -47,6 +48,8 @@ class Report:
     latency_before_s: float | None = None
     latency_after_s: float | None = None
     final_rel_error: float | None = None  # compressed vs original model on the example inputs
+    skipped: list[Skip] = field(default_factory=list)  # layers a pass left alone, with the reason
+    layer_errors: dict[str, float] = field(default_factory=dict)  # weight origin -> predicted relative error
 
     def rewrites(self, name: str) -> dict[str, int]:
         """Rewrite counts of the first pass called ``name`` (e.g. ``report.rewrites("fold-bn")``)."""
@@ -59,6 +62,8 @@ class Report:
         """Fold another graph's report in (one per Dynamo subgraph)."""
         self.passes.extend(other.passes)
         self.notes.extend(other.notes)
+        self.skipped.extend(other.skipped)
+        self.layer_errors.update(other.layer_errors)
         for key in ("params_before", "params_after", "flops_before", "flops_after",
                     "weight_bytes_before", "weight_bytes_after", "latency_before_s", "latency_after_s"):
             mine, theirs = getattr(self, key), getattr(other, key)
@@ -91,8 +96,25 @@ class Report:
                          f"{self.latency_after_s * 1e6:.1f} us ({self.latency_before_s / self.latency_after_s:.2f}x)")
         if self.final_rel_error is not None:
             lines.append(f"  output error vs original (relative L2): {self.final_rel_error:.3e}")
-        lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(f"  note: {n}" for n in self.grouped_notes())
         return "\n".join(lines)
+
+    def grouped_notes(self) -> list[str]:
+        """Notes with repeats merged (``x17``), and skipped layers grouped by pass and reason."""
+        counts = Counter(self.notes)
+        lines = [f"{n} (x{counts[n]})" if counts[n] > 1 else n for n in dict.fromkeys(self.notes)]
+        groups: dict[tuple[str, str], list[str]] = {}
+        for skip in self.skipped:
+            groups.setdefault((skip.pass_name, skip.reason), []).append(skip.layer)
+        for (pass_name, reason), layers in groups.items():
+            shown = ", ".join(layers[:4]) + (f", ... (+{len(layers) - 4})" if len(layers) > 4 else "")
+            count = f"{len(layers)} layers" if len(layers) > 1 else "1 layer"
+            lines.append(f"{pass_name}: {count} left as they were: {reason}: {shown}")
+        return lines
+
+    def worst_layers(self, count: int = 3) -> list[tuple[str, float]]:
+        """The layers with the largest predicted error: where to look first when the result is broken."""
+        return sorted(self.layer_errors.items(), key=lambda kv: -kv[1])[:count]
 
 
 def relative_error(reference: Any, actual: Any) -> float:
@@ -166,6 +188,8 @@ class PassManager:
             if self.on_pass is not None:
                 self.on_pass(pass_, program)
         report.notes.extend(ctx.notes)
+        report.skipped.extend(ctx.skipped)
+        report.layer_errors.update(ctx.layer_errors)
         report.params_after = program.parameter_count()
         report.weight_bytes_after = program.weight_bytes()
         report.flops_after = program_flops(program.graph)

@@ -21,7 +21,7 @@ from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hint
 from ..ir.ops import NM_LINEAR
 from ..ir.program import LINEAR, Program
 from ..ir.sparse_format import compress
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, is_shared_weight, register
 from .calibration import LayerStats, require_stats
 from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
 from .nm_permute import kept_saliency, producer_of, search_permutation
@@ -72,6 +72,10 @@ class NMSparsity(Pass):
             origin = program.weights[node.args[1].target].origin
             if (self.exclude and re.search(self.exclude, origin)) or (self.only and not re.search(self.only, origin)):
                 continue
+            if is_shared_weight(program, node):
+                counts["skipped-shared-weight"] += 1
+                ctx.skip(self.name, origin, "the weight is shared with another use")
+                continue
             chosen.append((node, origin))
         permuted_stats = self._permute_inputs(program, chosen, stats, counts) if self.permute else {}
         for node, origin in chosen:
@@ -80,7 +84,9 @@ class NMSparsity(Pass):
                 layer_stats = stats.get(origin, program.tensor(node.args[1]).shape[1])
             outcome, why = self._rewrite(program, node, origin, layer_stats, hints, ctx)
             counts[outcome] += 1
-            if why:
+            if outcome.startswith("skipped"):
+                ctx.skip(self.name, origin, why.removeprefix("left dense: "))
+            elif why:
                 ctx.note(f"nm: {origin}: {why}")
         program.graph.eliminate_dead_code()
         program.drop_unused_weights()
@@ -138,10 +144,14 @@ class NMSparsity(Pass):
             pruned, mask = sparsegpt(weight, layer_stats, self.n, self.m, self.block, self.damp)
         layout, why = self._choose_layout(node, hints, ctx)
         note = {"nm": f"{self.n}:{self.m}", "layout": layout}
-        if layer_stats is not None:
+        if layer_stats is None:  # no data: the weights' own relative error stands in for the output's
+            ctx.layer_errors[origin] = float((pruned - weight).norm() / weight.norm().clamp_min(1e-30))
+        else:
             diff = (pruned - weight).to(torch.float64)
             total = float(((weight.double() @ layer_stats.gram) * weight.double()).sum())
-            note["pred_err"] = round((float(((diff @ layer_stats.gram) * diff).sum()) / max(total, 1e-30)) ** 0.5, 4)
+            error = (float(((diff @ layer_stats.gram) * diff).sum()) / max(total, 1e-30)) ** 0.5
+            note["pred_err"] = round(error, 4)
+            ctx.layer_errors[origin] = error
         bias = node.args[2] if len(node.args) > 2 else None
         with program.graph.inserting_before(node):
             if layout == "compressed" and _has_cuda_2_4(pruned, self.n, self.m):

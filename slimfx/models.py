@@ -6,14 +6,18 @@ model here takes seconds on 2 CPU cores and is deterministic for a given seed.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .progress import progress
 
 
 @dataclass
@@ -121,13 +125,13 @@ DEMO_PIPELINES = {
 
 
 def train(model: nn.Module, data: Digits, epochs: int = 20, lr: float = 3e-3, seed: int = 0,
-          batch_size: int = 64) -> nn.Module:
+          batch_size: int = 64, desc: str = "training") -> nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * -(-len(data.train_y) // batch_size))
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    for _ in progress(range(epochs), desc):
         order = torch.randperm(len(data.train_y), generator=gen)
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
@@ -146,10 +150,26 @@ def evaluate(model: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
     return (logits.argmax(-1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
-def pretrained(name: str, seed: int = 0, epochs: int = 20) -> tuple[nn.Module, Digits]:
-    """Build and train a zoo model on the digits data (deterministic for a seed)."""
+def cache_dir() -> Path:
+    """Where trained models are kept: ``$SLIMFX_CACHE``, else ``~/.cache/slimfx``."""
+    return Path(os.environ.get("SLIMFX_CACHE") or Path.home() / ".cache" / "slimfx")
+
+
+def pretrained(name: str, seed: int = 0, epochs: int = 20, cache: bool = True) -> tuple[nn.Module, Digits]:
+    """Build and train a zoo model on the digits data (deterministic for a seed), or load the cached result."""
     if name not in ZOO:
         raise KeyError(f"unknown model {name!r}; built-in models: {', '.join(ZOO)}")
     torch.manual_seed(seed)
     data = load_digits(seed)
-    return train(ZOO[name](), data, epochs=epochs, seed=seed), data
+    path = cache_dir() / "models" / f"{name}-seed{seed}-epochs{epochs}-torch{torch.__version__}.pt"
+    model = ZOO[name]()
+    if cache and path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), data
+    model = train(model, data, epochs=epochs, seed=seed, desc=f"training {name}")
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(model.state_dict(), partial)
+        partial.replace(path)  # atomic: a concurrent reader never sees half a file
+    return model, data

@@ -59,6 +59,11 @@ def _fmt_annotations(note: dict) -> str:
     return "  # " + ", ".join(parts)
 
 
+def _is_input_guard(node: fx.Node) -> bool:
+    """export's ``_guards_fn`` call: a check of the inputs' sizes, not part of the computation."""
+    return node.op == "call_module" and not node.users and str(node.target).startswith("_guards")
+
+
 def format_program(program: Program) -> str:
     graph = program.graph
     used = sorted({n.target for n in graph.nodes if program.is_weight(n)})
@@ -78,7 +83,7 @@ def format_program(program: Program) -> str:
     lines.append("graph:")
     body = []
     for node in graph.nodes:
-        if node.op == "get_attr" or node.meta.get("slimfx_weight_placeholder"):
+        if node.op == "get_attr" or node.meta.get("slimfx_weight_placeholder") or _is_input_guard(node):
             continue
         if node.op == "placeholder":
             body.append((f"%{node.name}", "input", format_type(node.meta.get("val")), ""))

@@ -157,7 +157,10 @@ class _Accumulator:
 
 
 def _batches(data: Iterable[Any], max_batches: int | None) -> Iterable[tuple[int, tuple, dict]]:
-    for index, batch in enumerate(data):
+    from ..progress import progress
+
+    total = len(data) if hasattr(data, "__len__") else None
+    for index, batch in enumerate(progress(data, "calibration batches", total)):
         if max_batches is not None and index >= max_batches:
             break
         yield (index, *model_inputs(batch, index))

@@ -22,6 +22,7 @@ from ..hw_profiles.cost_model import dense_linear, latency, lowrank_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.ops import LOWRANK_LINEAR
 from ..ir.program import CONV2D, LINEAR, Program
+from ..progress import progress
 from .base import Pass, PassContext, is_shared_weight, register
 from .calibration import require_stats
 from .lowrank import LowRankFactors, factorize_matrix, spatial_factors
@@ -91,9 +92,9 @@ class Factorize(Pass):
         stats = require_stats(program, ctx, self.method != "svd", f"factorize{{method={self.method}}}", "method=svd")
         multiple = ctx.profile.rank_multiple if ctx.profile is not None else 1
         hints = size_hints(program.graph)
-        for node in list(program.graph.nodes):
-            if node.op != "call_function" or node.target not in (LINEAR, CONV2D) or not program.is_weight(node.args[1]):
-                continue
+        layers = [n for n in program.graph.nodes
+                  if n.op == "call_function" and n.target in (LINEAR, CONV2D) and program.is_weight(n.args[1])]
+        for node in progress(layers, "factorize layers"):
             origin = program.weights[node.args[1].target].origin
             if self.exclude and re.search(self.exclude, origin):
                 continue

@@ -67,7 +67,7 @@ FOLD_BN = Matcher([fold_into_producer])
 @dataclass
 class FoldBatchNorm(Pass):
     name = "fold-bn"
-    summary = "fold inference BatchNorm into the preceding conv/linear (exact)"
+    summary = "fold inference BatchNorm into the preceding conv/linear"
     exact = True
 
     def run(self, program: Program, ctx: PassContext) -> Counter:

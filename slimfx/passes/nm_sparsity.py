@@ -21,6 +21,7 @@ from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hint
 from ..ir.ops import NM_LINEAR
 from ..ir.program import LINEAR, Program
 from ..ir.sparse_format import compress
+from ..progress import progress
 from .base import Pass, PassContext, is_shared_weight, register
 from .calibration import LayerStats, require_stats
 from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
@@ -78,7 +79,7 @@ class NMSparsity(Pass):
                 continue
             chosen.append((node, origin))
         permuted_stats = self._permute_inputs(program, chosen, stats, counts) if self.permute else {}
-        for node, origin in chosen:
+        for node, origin in progress(chosen, "nm layers"):
             layer_stats = permuted_stats.get(node)
             if layer_stats is None and stats is not None:
                 layer_stats = stats.get(origin, program.tensor(node.args[1]).shape[1])

@@ -9,7 +9,7 @@ from .base import Pass, make_pass
 
 PipelineSpec = Union[str, Pass, Sequence[Union[str, Pass]]]
 
-_ITEM = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*$")
+_ITEM = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_-]*)\s*(?:\{([^{}]*)\})?\s*$")  # make_pass names a near miss
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""``slimfx.compress``: capture, run a pipeline, and return a new module that owns the compressed weights."""
+"""``slimfx.compress``: capture, run a pipeline, and return a new module holding the compressed weights."""
 from __future__ import annotations
 
 import copy
@@ -24,10 +24,10 @@ BROKEN_ERROR = 0.8  # a relative output error this close to 1 means the outputs 
 class CompressedModule(torch.nn.Module):
     """The result of ``compress``: call it like the original model. ``.report`` says what changed.
 
-    Usually the whole model was captured as one graph (``.program``), and this module owns only its weights,
-    compressed ones included. A model that does not capture as one graph keeps its eager top-level code, with the
-    submodules that did capture replaced by their compressed graphs (``.parts``); it owns no dense copy of what
-    they replaced either.
+    Usually the whole model was captured as one graph (``.program``), and this module holds only the weights that
+    graph reads: new tensors for rewritten layers, the unchanged ones shared with the original model (not
+    copied). A model that does not capture as one graph keeps its eager top-level code, with the submodules that
+    did capture replaced by their compressed graphs (``.parts``); it keeps no dense copy of what they replaced.
     """
 
     def __init__(self, runner: torch.nn.Module, report: Report, program: Program | None,

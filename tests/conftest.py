@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(2)
+os.environ.setdefault("SLIMFX_CACHE", tempfile.mkdtemp(prefix="slimfx-test-cache-"))  # never the user's cache
 
 
 @pytest.fixture(autouse=True)

@@ -135,6 +135,8 @@ def test_cli_demo_and_errors(capsys):
     assert main(["demo", "--model", "digits-mlp"]) == 0
     out = capsys.readouterr().out
     assert "original    accuracy" in out and "compressed  accuracy" in out
+    assert "under torch.compile, interleaved" in out and "15 rounds" in out  # median and spread of 15 rounds
+    assert "vs measured" in out and "predicted" in out
     assert main(["compress", "digits-mlp", "--pipeline", "nope"]) == 2
     assert "unknown pass 'nope'" in capsys.readouterr().err
     assert main(["passes"]) == 0

@@ -41,7 +41,7 @@ class BackendOptions:
             raise PipelineError(f"unknown slimfx backend option(s) {unknown}; known options: {sorted(known)}")
         result = cls(**options)
         PassManager(result.pipeline)  # parse now: a bad pipeline fails at the first call with a clear message
-        check_calibration(result.calibration, "torch.compile(..., backend='slimfx')")
+        check_calibration(result.calibration, "torch.compile(..., backend='slimfx')", raw_batches=False)
         return result
 
 

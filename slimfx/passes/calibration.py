@@ -93,14 +93,18 @@ CALIBRATION_FORM = ("an iterable of batches, each a full set of model inputs: a 
                     "a DataLoader of such batches works")
 
 
-def check_calibration(calibration: Any, where: str) -> None:
-    """Reject calibration data whose form is wrong before any work is done, saying what the form should be."""
+def check_calibration(calibration: Any, where: str, raw_batches: bool = True) -> None:
+    """Reject calibration data whose form is wrong before any work is done, saying what the form should be.
+
+    ``raw_batches=False`` where only statistics can be used (the backend: a Dynamo graph's inputs are not the
+    model's inputs, so batches cannot be run through it).
+    """
     if calibration is None or isinstance(calibration, ActivationStats):
         return
     if isinstance(calibration, torch.Tensor):
         raise CalibrationError(f"calibration is one tensor of shape {tuple(calibration.shape)}; it must be "
                                f"{CALIBRATION_FORM}. To use this tensor as one batch, pass [(x,)]")
-    if where.startswith("torch.compile"):
+    if not raw_batches:
         raise CalibrationError(
             f"{where} takes calibration as statistics, not raw batches (a Dynamo graph's inputs are not the "
             "model's): pass options={'calibration': slimfx.collect_stats(model, batches)}")
@@ -150,10 +154,13 @@ class _Accumulator:
             with torch.no_grad():
                 self.collector.run(*leaves)
         except Exception as exc:  # noqa: BLE001
-            raise CalibrationError(
-                f"calibration batch {index} {_describe(args, kwargs)} does not fit the model, which was captured "
-                f"with {self.example}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from exc
+            raise _does_not_fit(index, args, kwargs, exc, f", which was captured with {self.example}") from exc
+
+
+def _does_not_fit(index: int, args: tuple, kwargs: dict, exc: Exception, captured: str = "") -> CalibrationError:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return CalibrationError(f"calibration batch {index} {_describe(args, kwargs)} does not fit the model{captured}: "
+                            f"{type(exc).__name__}: {first}")
 
 
 def _batches(data: Iterable[Any], max_batches: int | None) -> Iterable[tuple[int, tuple, dict]]:
@@ -205,8 +212,7 @@ def collect_part_stats(model: torch.nn.Module, parts: list, data: Iterable[Any],
             except CalibrationError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                raise CalibrationError(f"calibration batch {index} {_describe(args, kwargs)} does not fit the model: "
-                                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                raise _does_not_fit(index, args, kwargs, exc) from exc
             stats.batches += 1
     finally:
         for handle in handles:

@@ -151,8 +151,9 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
             m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.randn(n, generator=gen))
-            m.bias.data.copy_(torch.randn(n, generator=gen))
+            if m.affine:
+                m.weight.data.copy_(torch.randn(n, generator=gen))
+                m.bias.data.copy_(torch.randn(n, generator=gen))
     return model.eval()
 
 

@@ -34,9 +34,9 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
         return indices.contiguous()
     per_byte = 8 // bits
     rows, count = indices.shape
-    padded = torch.zeros(rows, -(-count // per_byte) * per_byte, dtype=torch.uint8)
+    padded = torch.zeros(rows, -(-count // per_byte) * per_byte, dtype=torch.uint8, device=indices.device)
     padded[:, :count] = indices
-    shifted = padded.reshape(rows, -1, per_byte).to(torch.int32) << (torch.arange(per_byte) * bits)
+    shifted = padded.reshape(rows, -1, per_byte).to(torch.int32) << (torch.arange(per_byte, device=indices.device) * bits)
     return shifted.sum(-1).to(torch.uint8).contiguous()
 
 

@@ -37,6 +37,7 @@ def verify(program: Program) -> None:
         if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor):
             _fail("V2", f"weight {target!r} must be a real tensor, got {type(value).__name__}")
 
+    _check_devices(program)
     placeholders = 0
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -54,6 +55,16 @@ def verify(program: Program) -> None:
 
     if program.keep_signature and placeholders != len(program.example_args):
         _fail("V6", f"graph has {placeholders} inputs but its calling convention has {len(program.example_args)}")
+
+
+def _check_devices(program: Program) -> None:
+    """V7: a weight a pass made lives on a device the model's own weights live on (never a default device)."""
+    own = {fetch_attr(program.gm, t).device for t, info in program.weights.items() if info.derived_by is None}
+    for target, info in program.weights.items():
+        device = fetch_attr(program.gm, target).device
+        if info.derived_by is not None and own and device not in own:
+            _fail("V7", f"weight {target!r} made by {info.derived_by} is on {device}, but the model's weights are on "
+                        f"{', '.join(sorted(map(str, own)))}: create new tensors with device= of the tensor they replace")
 
 
 def _check_canonical(program: Program, node: fx.Node) -> None:

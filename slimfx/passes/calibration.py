@@ -82,8 +82,8 @@ class _Collector(fx.Interpreter):
                     key = (origin, rows.shape[1])
                     if key not in self.stats.layers:
                         width = rows.shape[1]
-                        self.stats.layers[key] = LayerStats(
-                            torch.zeros(width, width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+                        zeros = torch.zeros(width, dtype=torch.float64, device=rows.device)  # with the activations
+                        self.stats.layers[key] = LayerStats(zeros.new_zeros(width, width), zeros)
                     self.stats.layers[key].add(rows)
         return super().run_node(n)
 

@@ -36,7 +36,8 @@ def fold_into_producer(bn: fx.Node, program: Program) -> fx.Node | None:
     weight = program.tensor(producer.args[1])
     channels = weight.shape[0]
     bias_node = producer.args[2] if len(producer.args) > 2 else None
-    zeros, ones = torch.zeros(channels, dtype=torch.float64), torch.ones(channels, dtype=torch.float64)
+    zeros = torch.zeros(channels, dtype=torch.float64, device=weight.device)  # defaults live with the weight
+    ones = torch.ones_like(zeros)
     stats = [_constant(program, n, d) for n, d in ((gamma, ones), (beta, zeros), (mean, None), (var, None))]
     bias = _constant(program, bias_node, zeros)
     if any(s is None for s in stats) or bias is None:

@@ -40,10 +40,10 @@ def sparsegpt(weight: torch.Tensor, stats: LayerStats, n: int, m: int, block: in
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1.0
     w[:, dead] = 0.0
-    hessian += torch.eye(in_f, dtype=torch.float64) * damp * hessian.diagonal().mean()
+    hessian += torch.eye(in_f, dtype=torch.float64, device=hessian.device) * damp * hessian.diagonal().mean()
     # upper Cholesky factor of H⁻¹: row i holds the coefficients of the OBS update for column i
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    keep = torch.zeros(out_f, in_f, dtype=torch.bool)
+    keep = torch.zeros(out_f, in_f, dtype=torch.bool, device=w.device)
     block = max(m, block - block % m)
     for start in range(0, in_f, block):
         end = min(start + block, in_f)

@@ -41,7 +41,7 @@ def search_permutation(saliency: torch.Tensor, n: int, m: int, rounds: int = 4, 
     returns π with ``saliency[:, π]`` keeping at least as much under the N:M mask."""
     out_f, in_f = saliency.shape
     groups = in_f // m
-    perm = torch.arange(in_f)
+    perm = torch.arange(in_f, device=saliency.device)
     current = saliency.clone()
     gen = torch.Generator().manual_seed(seed)
 
@@ -50,8 +50,8 @@ def search_permutation(saliency: torch.Tensor, n: int, m: int, rounds: int = 4, 
 
     for _ in range(rounds):
         improved = False
-        for g1 in torch.randperm(groups, generator=gen).tolist():
-            others = torch.randperm(groups, generator=gen)[: partners + 1].tolist()
+        for g1 in torch.randperm(groups, generator=gen, device="cpu").tolist():  # a host-side visiting order
+            others = torch.randperm(groups, generator=gen, device="cpu")[: partners + 1].tolist()
             for g2 in others:
                 if g2 == g1:
                     continue
@@ -60,7 +60,7 @@ def search_permutation(saliency: torch.Tensor, n: int, m: int, rounds: int = 4, 
                 # every swap of one column of g1 with one of g2, scored at once: [m, m, out, m] candidates
                 new_a = a.unsqueeze(0).unsqueeze(0).repeat(m, m, 1, 1)
                 new_b = b.unsqueeze(0).unsqueeze(0).repeat(m, m, 1, 1)
-                idx = torch.arange(m)
+                idx = torch.arange(m, device=saliency.device)
                 new_a[idx[:, None], idx[None, :], :, idx[:, None]] = b.T[idx[None, :]].expand(m, m, out_f)
                 new_b[idx[:, None], idx[None, :], :, idx[None, :]] = a.T[idx[:, None]].expand(m, m, out_f)
                 gain = group_score(new_a) + group_score(new_b) - base

@@ -1,0 +1,90 @@
+"""Rewrites are device-, dtype- and sharing-safe, and a failing pass leaves nothing half done."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from nets import SmallResNet, randomize_bn
+
+import slimfx
+from slimfx.errors import VerificationError
+from slimfx.passes import PASSES, PassContext, PassManager, Report
+from slimfx.passes.calibration import collect_stats
+
+PIPELINES = ["fold-bn", "factorize{keep=0.5,method=svd}", "factorize{keep=0.5}", "factorize{keep=0.5,method=asvd}",
+             "factorize{keep=0.5,conv=spatial,method=svd}", "nm{method=magnitude}", "nm{method=wanda}",
+             "nm{method=sparsegpt}", "nm{method=wanda,permute=true}", "nm{method=magnitude,layout=dense}"]
+
+
+def _device_probe_model() -> nn.Module:
+    # a bias-free conv and a non-affine BN make fold-bn invent default zeros and ones; the linears feed nm/permute
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 32), nn.ReLU(),
+                         nn.Linear(32, 8)).eval()
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_new_tensors_take_the_device_of_what_they_replace(pipeline, monkeypatch):
+    """No GPU here, so another device stands in for it: with torch's default device set to "meta" while passes
+    run, a tensor made without device= lands on meta and either fails to mix with the CPU weights or is caught by
+    verify's V7. (fold-bn's default zeros and ones, nm's packed indices and masks failed this before.)"""
+    torch.manual_seed(0)
+    model = randomize_bn(_device_probe_model())
+    program = slimfx.capture(model, (torch.randn(2, 3, 4, 4),))
+    stats = collect_stats(program, [(torch.randn(16, 3, 4, 4),) for _ in range(2)])
+    for name, cls in PASSES.items():
+        original = cls.run
+
+        def on_meta_by_default(self, program, ctx, _run=original):
+            with torch.device("meta"):
+                return _run(self, program, ctx)
+
+        monkeypatch.setattr(cls, "run", on_meta_by_default)
+    report = PassManager(pipeline, check=False).run(program, PassContext(calibration=stats))
+    assert sum(sum(r.rewrites.values()) for r in report.passes) > 0
+    assert {program.tensor(n).device.type for n in program.graph.nodes if program.is_weight(n)} == {"cpu"}
+
+
+def test_statistics_live_on_the_activations_device_in_float64():
+    """A model on another device (meta stands in for cuda): the statistics follow its activations, never the CPU."""
+    model = _device_probe_model().to("meta")
+    program = slimfx.capture(model, (torch.randn(2, 3, 4, 4, device="meta"),))
+    stats = collect_stats(program, [(torch.randn(4, 3, 4, 4, device="meta"),)])
+    assert len(stats.layers) == 4
+    assert all(s.gram.device.type == "meta" and s.gram.dtype == torch.float64 for s in stats.layers.values())
+
+
+def test_verify_rejects_a_weight_made_on_another_device():
+    program = slimfx.capture(nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(2, 4),))
+    linear = next(n for n in program.graph.nodes if n.target == torch.ops.aten.linear.default)
+    with program.graph.inserting_before(linear):
+        stray = program.add_weight("stray", torch.zeros(4, 4, device="meta"), "0.weight", "test")
+    linear.update_arg(1, stray)
+    program.drop_unused_weights()
+    with pytest.raises(VerificationError, match=r"\[V7\].*made by test is on meta"):
+        slimfx.verify(program)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_compress_through_both_entry_points(dtype):
+    torch.manual_seed(0)
+    model = randomize_bn(SmallResNet()).to(dtype)
+    x = torch.randn(3, 3, 16, 16, dtype=dtype)
+    exact = slimfx.compress(model, (x,), pipeline="fold-bn")  # raised "this is a slimfx bug" in bf16 before
+    assert exact.report.rewrites("fold-bn") == {"conv-bn": 7}
+    assert exact.report.final_rel_error < 4 * torch.finfo(dtype).eps
+    assert all(p.dtype == dtype for p in exact.parameters()) and all(b.dtype == dtype for b in exact.buffers())
+    calibration = [(torch.randn(4, 3, 16, 16, dtype=dtype),) for _ in range(2)]
+    lossy = slimfx.compress(model, (x,), pipeline="fold-bn,factorize{keep=0.5}", calibration=calibration)
+    assert lossy.report.params_after < lossy.report.params_before
+    assert all(b.dtype == dtype for b in lossy.buffers() if b.is_floating_point())
+
+    torch._dynamo.reset()
+    report = Report("")
+    compiled = torch.compile(model, backend="slimfx",
+                             options={"pipeline": "fold-bn", "check": True, "report": report, "inductor": False})
+    with torch.no_grad():
+        out = compiled(x)
+    assert sum(r.rewrites.get("conv-bn", 0) for r in report.passes) == 7
+    assert ((out.double() - model(x).double()).norm() / model(x).double().norm()).item() < 4 * torch.finfo(dtype).eps
+    torch._dynamo.reset()

@@ -183,7 +183,9 @@ def test_permutation_is_folded_exactly_and_keeps_more_saliency(digits_mlp):
     layers = [(n, program.weights[n.args[1].target].origin) for n in program.graph.nodes if n.target == LINEAR]
     before = {o: program.tensor(n.args[1]).detach().clone() for n, o in layers}
     counts = __import__("collections").Counter()
-    permuted = NMSparsity(method="wanda", permute=True)._permute_inputs(program, layers, stats, counts)
+    ctx = slimfx.passes.PassContext()
+    permuted = NMSparsity(method="wanda", permute=True)._permute_inputs(program, layers, stats, counts, ctx)
+    assert ctx.inputs_changed == {"fc2.weight", "fc3.weight"}  # statistics gathered before are now stale for them
     program.gm.recompile()
     refresh_metadata(program)
     assert counts["permuted"] == 2  # fc2 (fed by fc1 through GELU) and fc3 (fed by fc2)

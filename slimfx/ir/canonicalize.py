@@ -60,8 +60,10 @@ def _linear_from_matmul(program: Program, x: fx.Node, rhs: Any, bias: Any) -> fx
     weight = _transposed_weight(program, rhs)
     if weight is None and program.is_weight(rhs) and program.tensor(rhs).dim() == 2:
         dense = program.tensor(rhs)
-        weight = program.add_weight(f"{rhs.target}_T", dense.t().contiguous(), program.weights[rhs.target].origin,
-                                    "canonicalize", "transposed to out x in")
+        info = program.weights[rhs.target]
+        weight = program.add_weight(f"{rhs.target}_T", dense.t(), info.origin, "canonicalize",
+                                    "transposed view (no copy)", view=True)
+        program.weights[weight.target].kind = info.kind
     if weight is None:
         return None
     if bias is not None and not (isinstance(bias, fx.Node) and _ndim(bias) == 1):

@@ -145,14 +145,22 @@ def capture(
     finally:
         model.train(was_training)
     gm = exported.module()
-    names = {id(t): n for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    names: dict[int, str] = {}
+    kinds: dict[int, str] = {}
+    for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, tensor in named:
+            names.setdefault(id(tensor), name)  # a tied weight keeps the name of its first owner
+            kinds.setdefault(id(tensor), kind)
     weights = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
-                weights[node.target] = WeightInfo(origin=origin_prefix + names[id(value)] if id(value) in names
-                                                      else f"constant:{origin_prefix}{node.target}")
+                known = id(value) in names
+                weights[node.target] = WeightInfo(
+                    origin=origin_prefix + names[id(value)] if known else f"constant:{origin_prefix}{node.target}",
+                    kind=kinds[id(value)] if known else "constant")
     program = Program(gm, weights, args, kwargs, frontend="export", notes=notes)
     canonicalize(program)
     verify(program)
@@ -199,7 +207,8 @@ def from_dynamo(dynamo_gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Pro
         while hasattr(gm, name):
             name += "_"
         gm.register_buffer(name, value.detach())  # shares storage: nothing is copied or changed
-        program.weights[name] = WeightInfo(origin=origin)
+        program.weights[name] = WeightInfo(origin=origin, kind="parameter" if isinstance(value, torch.nn.Parameter)
+                                           or "_parameters[" in str(node.meta.get("grapharg", "")) else "buffer")
         with gm.graph.inserting_before(first_op):
             attr = gm.graph.get_attr(name)
         attr.meta["val"] = node.meta["val"]

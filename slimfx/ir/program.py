@@ -22,6 +22,25 @@ class WeightInfo:
     origin: str  # qualified name in the user's model; a derived tensor keeps the name of the one it replaces
     derived_by: str | None = None  # the pass that made it
     note: str = ""  # how, e.g. "folded with bn1" or "V of rank 16"
+    kind: str = "derived"  # "parameter" | "buffer" | "constant" (the user's) or "derived" (a pass's)
+    constraints: tuple[Constraint, ...] = ()  # what later passes must respect, e.g. an N:M mask
+
+    @property
+    def compressible(self) -> bool:
+        """Only trained weights are compressed: a buffer (a fixed rotation, a mask) or a constant is not."""
+        return self.kind in ("parameter", "derived")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A property a pass gave a weight, which a later pass must keep or decline to touch."""
+
+    kind: str  # "nm-mask" | "factorized" | "quantized"
+    set_by: str  # the pass
+    detail: str = ""  # e.g. "2:4"
+
+    def __str__(self) -> str:
+        return f"{self.kind}{' ' + self.detail if self.detail else ''} (set by {self.set_by})"
 
 
 @dataclass
@@ -61,17 +80,21 @@ class Program:
             raise KeyError(f"{node} is not a weight of this program")
         return fetch_attr(self.gm, node.target)
 
-    def add_weight(self, hint: str, value: torch.Tensor, origin: str, pass_name: str, note: str = "") -> fx.Node:
-        """Register a new (derived) weight and return a ``get_attr`` node for it, inserted at the insert point."""
+    def add_weight(self, hint: str, value: torch.Tensor, origin: str, pass_name: str, note: str = "",
+                   constraints: tuple[Constraint, ...] = (), view: bool = False) -> fx.Node:
+        """Register a new (derived) weight and return a ``get_attr`` node for it, inserted at the insert point.
+
+        ``view=True`` keeps ``value`` as given (e.g. a transposed view that shares the original's storage).
+        """
         base = re.sub(r"[^0-9a-zA-Z_]", "_", hint)
         name = base if base[:1].isalpha() else f"w{base}"
         while hasattr(self.gm, name):
             name = f"{base}_{next(self._ids)}"
         value = value.detach()
-        if type(value) is torch.Tensor:  # subclasses (e.g. 2:4 semi-structured) keep their own layout
+        if type(value) is torch.Tensor and not view:  # subclasses (e.g. 2:4 semi-structured) keep their own layout
             value = value.contiguous()
         self.gm.register_buffer(name, value, persistent=True)
-        self.weights[name] = WeightInfo(origin=origin, derived_by=pass_name, note=note)
+        self.weights[name] = WeightInfo(origin=origin, derived_by=pass_name, note=note, constraints=constraints)
         node = self.graph.get_attr(name)
         node.meta["val"] = _fake_like(self, value)
         return node

@@ -29,6 +29,8 @@ class PassContext:
     cache: dict[str, Any] = field(default_factory=dict)  # shared analyses (e.g. activation statistics)
     skipped: list[Skip] = field(default_factory=list)
     layer_errors: dict[str, float] = field(default_factory=dict)  # weight origin -> predicted relative error
+    inputs_changed: set[str] = field(default_factory=set)  # layers whose input a pass changed (stats now stale)
+    revision: int = 0  # bumped by the manager after every pass that rewrote the program
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -45,13 +47,28 @@ class Skip:
     layer: str
 
 
-def is_shared_weight(program: Program, layer: Any) -> bool:
-    """True if the layer's weight is read elsewhere too (a tied lm_head, a layer applied twice).
+def layer_uses(program: Program, layer: Any) -> list | None:
+    """Every layer that reads this layer's weight, in graph order, so the weight is decided once for all of them
+    (a layer applied twice); None if the weight is also read by something else (an lm_head tied to an
+    embedding), which a lossy pass must leave dense: rewriting only some uses would keep the dense tensor alive
+    as well, and the model would grow."""
+    users = list(layer.args[1].users)
+    if any(u.op != "call_function" or u.target != layer.target or u.args[1] is not layer.args[1] for u in users):
+        return None
+    order = {n: i for i, n in enumerate(program.graph.nodes)}
+    return sorted(users, key=order.__getitem__)
 
-    A lossy pass leaves such a weight dense: rewriting one use would keep the dense tensor for the others, so the
-    model would grow.
-    """
-    return len(layer.args[1].users) > 1
+
+def refusal(program: Program, layer: Any, kinds: tuple[str, ...]) -> str | None:
+    """Why a lossy pass must not touch this layer's weight, or None: it is not a trained weight, or an earlier
+    pass gave it a property (``kinds`` of constraints) this pass would destroy."""
+    info = program.weights[layer.args[1].target]
+    if not info.compressible:
+        return f"not a trained weight ({info.kind})"
+    for constraint in info.constraints:
+        if constraint.kind in kinds:
+            return f"keeps {constraint}"
+    return None
 
 
 @dataclass

@@ -49,6 +49,11 @@ class ActivationStats:
     def get(self, origin: str, width: int) -> LayerStats | None:
         return self.layers.get((origin, width))
 
+    def without(self, origins: set[str]) -> "ActivationStats":
+        if not origins:
+            return self
+        return ActivationStats({k: v for k, v in self.layers.items() if k[0] not in origins}, self.batches)
+
 
 def layer_rows(node: fx.Node, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows of its reduction dimension: [rows, in] (convs: unfolded patches)."""
@@ -248,21 +253,28 @@ def collect_model_stats(model: torch.nn.Module, data: Iterable[Any], example_inp
     return collect_stats(program, batches, max_batches)
 
 
-def resolve_stats(program: Program, calibration: Any, cache: dict) -> ActivationStats | None:
-    """The context's calibration as statistics (collected once per program and cached for later passes)."""
+def resolve_stats(program: Program, ctx: Any) -> ActivationStats | None:
+    """The context's calibration as statistics that describe the program as it is now, never a stale copy.
+
+    From raw batches they are collected on the current program, again after any pass that rewrote it. Statistics
+    given ready-made describe the original model: layers whose input an earlier pass changed (a permutation) are
+    left out, so a pass finds none for them and declines.
+    """
+    calibration = ctx.calibration
     if calibration is None:
         return None
     if isinstance(calibration, ActivationStats):
-        return calibration
-    key = ("activation-stats", id(program))
-    if key not in cache:
-        cache[key] = collect_stats(program, calibration)
-    return cache[key]
+        return calibration.without(ctx.inputs_changed)
+    key = ("activation-stats", id(program), ctx.revision)
+    if key not in ctx.cache:
+        ctx.cache.clear()  # older statistics describe a program that no longer exists
+        ctx.cache[key] = collect_stats(program, calibration)
+    return ctx.cache[key]
 
 
 def require_stats(program: Program, ctx: Any, needed: bool, pass_text: str, data_free: str) -> ActivationStats | None:
     """The statistics a data-aware method needs, or a CalibrationError that says how to provide them."""
-    stats = resolve_stats(program, ctx.calibration, ctx.cache)
+    stats = resolve_stats(program, ctx)
     if needed and stats is None:
         raise CalibrationError(
             f"{pass_text} needs calibration data: pass calibration= to slimfx.compress (an iterable of model-input "

@@ -21,9 +21,9 @@ from ..hw_profiles.cost_model import conv2d as conv_kernels
 from ..hw_profiles.cost_model import dense_linear, latency, lowrank_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.ops import LOWRANK_LINEAR
-from ..ir.program import CONV2D, LINEAR, Program
+from ..ir.program import CONV2D, LINEAR, Constraint, Program
 from ..progress import progress
-from .base import Pass, PassContext, is_shared_weight, register
+from .base import Pass, PassContext, layer_uses, refusal, register
 from .calibration import require_stats
 from .lowrank import LowRankFactors, factorize_matrix, spatial_factors
 
@@ -94,19 +94,26 @@ class Factorize(Pass):
         hints = size_hints(program.graph)
         layers = [n for n in program.graph.nodes
                   if n.op == "call_function" and n.target in (LINEAR, CONV2D) and program.is_weight(n.args[1])]
+        decided: set[str] = set()
         for node in progress(layers, "factorize layers"):
-            origin = program.weights[node.args[1].target].origin
-            if self.exclude and re.search(self.exclude, origin):
+            target = node.args[1].target
+            origin = program.weights[target].origin
+            if target in decided or (self.exclude and re.search(self.exclude, origin)):
                 continue
-            if program.weights[node.args[1].target].derived_by == self.name:
+            decided.add(target)  # a weight is decided once, for all the layers that read it
+            if program.weights[target].derived_by == self.name:
                 continue  # already one half of a factorized pair
-            if is_shared_weight(program, node):
+            uses = layer_uses(program, node)
+            why = refusal(program, node, ("nm-mask", "quantized"))
+            if uses is None:
                 outcome = "skipped-shared-weight"
+            elif why is not None:
+                outcome, reason = "skipped-constrained", why
             else:
-                outcome = self._rewrite(program, node, origin, stats, multiple, hints, ctx)
+                outcome = self._rewrite(program, uses, origin, stats, multiple, hints, ctx)
             counts[outcome] += 1
             if outcome.startswith("skipped"):
-                ctx.skip(self.name, origin, outcome.removeprefix("skipped-"))
+                ctx.skip(self.name, origin, why if outcome == "skipped-constrained" else outcome.removeprefix("skipped-"))
         if self.rank is not None and not any(k in counts for k in ("linear", "conv-channel", "conv-spatial")) \
                 and counts.get("skipped-rank-too-large"):
             raise PipelineError(f"factorize: rank={self.rank} is >= min(out, in) of every layer, so nothing can "
@@ -116,11 +123,12 @@ class Factorize(Pass):
         return counts
 
     # -- rewriting ---------------------------------------------------------------------------------------------
-    def _rewrite(self, program: Program, node: fx.Node, origin: str, stats, multiple: int, hints: dict,
+    def _rewrite(self, program: Program, uses: list[fx.Node], origin: str, stats, multiple: int, hints: dict,
                  ctx: PassContext) -> str:
+        node = uses[0]
         weight = program.tensor(node.args[1])
         is_conv = node.target == CONV2D
-        if is_conv and node.args[6] != 1:
+        if is_conv and any(use.args[6] != 1 for use in uses):
             return "skipped-grouped-conv"
         if is_conv and self.conv == "none":
             return "skipped-conv"
@@ -147,36 +155,49 @@ class Factorize(Pass):
         a, b = factors.truncate(rank, weight.dtype)
         note = {"rank": rank, "pred_err": round(factors.rel_error(rank), 4)}
         ctx.layer_errors[origin] = factors.rel_error(rank)
-        with program.graph.inserting_before(node):
+        factorized = (Constraint("factorized", self.name, f"rank {rank}"),)
+        with program.graph.inserting_before(node):  # the factors are made once, before the first use
             if not is_conv:
-                v = program.add_weight(f"{origin}_V", b, origin, self.name, f"V of rank {rank}")
-                u = program.add_weight(f"{origin}_U", a, origin, self.name, f"U of rank {rank}")
-                bias = node.args[2] if len(node.args) > 2 else None
-                new = program.graph.call_function(LOWRANK_LINEAR, (node.args[0], v, u, bias))
-                kind = "linear"
+                first = program.add_weight(f"{origin}_V", b, origin, self.name, f"V of rank {rank}", factorized)
+                second = program.add_weight(f"{origin}_U", a, origin, self.name, f"U of rank {rank}", factorized)
             else:
-                new = self._conv_pair(program, node, origin, a, b, rank, spatial, weight.shape)
-                kind = "conv-spatial" if spatial else "conv-channel"
-        program.annotations(new).update(note)
-        node.replace_all_uses_with(new)
-        program.graph.erase_node(node)
-        return kind
+                first_w, second_w = self._conv_weights(a, b, rank, spatial, weight.shape)
+                first = program.add_weight(f"{origin}_first", first_w, origin, self.name, f"rank {rank}, first conv",
+                                           factorized)
+                second = program.add_weight(f"{origin}_second", second_w, origin, self.name,
+                                            f"rank {rank}, second conv", factorized)
+        for use in uses:
+            with program.graph.inserting_before(use):
+                if not is_conv:
+                    bias = use.args[2] if len(use.args) > 2 else None
+                    new = program.graph.call_function(LOWRANK_LINEAR, (use.args[0], first, second, bias))
+                else:
+                    new = self._conv_pair(program, use, first, second, spatial)
+            program.annotations(new).update(note)
+            use.replace_all_uses_with(new)
+            program.graph.erase_node(use)
+        if not is_conv:
+            return "linear"
+        return "conv-spatial" if spatial else "conv-channel"
 
-    def _conv_pair(self, program: Program, node: fx.Node, origin: str, a: torch.Tensor, b: torch.Tensor, rank: int,
-                   spatial: bool, wshape: torch.Size) -> fx.Node:
-        x, _, bias, stride, padding, dilation, _ = node.args
+    @staticmethod
+    def _conv_weights(a: torch.Tensor, b: torch.Tensor, rank: int, spatial: bool,
+                      wshape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         cout, cin, kh, kw = wshape
         if spatial:  # a: [(cin, kh), r] -> vertical kh×1 filters; b: [r, (cout, kw)] -> horizontal 1×kw filters
-            first_w = a.T.reshape(rank, cin, kh, 1).contiguous()
-            second_w = b.reshape(rank, cout, kw).permute(1, 0, 2).reshape(cout, rank, 1, kw).contiguous()
+            return (a.T.reshape(rank, cin, kh, 1).contiguous(),
+                    b.reshape(rank, cout, kw).permute(1, 0, 2).reshape(cout, rank, 1, kw).contiguous())
+        return b.reshape(rank, cin, kh, kw), a.reshape(cout, rank, 1, 1)  # k×k conv to r channels, then 1×1
+
+    @staticmethod
+    def _conv_pair(program: Program, node: fx.Node, w1: fx.Node, w2: fx.Node, spatial: bool) -> fx.Node:
+        x, _, bias, stride, padding, dilation, _ = node.args
+        if spatial:
             first_args = ([stride[0], 1], [padding[0], 0], [dilation[0], 1])
             second_args = ([1, stride[1]], [0, padding[1]], [1, dilation[1]])
-        else:  # b: [r, cin*kh*kw] -> k×k conv to r channels; a: [cout, r] -> 1×1 conv
-            first_w, second_w = b.reshape(rank, cin, kh, kw), a.reshape(cout, rank, 1, 1)
+        else:
             first_args = (stride, padding, dilation)
             second_args = ([1, 1], [0, 0], [1, 1])
-        w1 = program.add_weight(f"{origin}_first", first_w, origin, self.name, f"rank {rank}, first conv")
-        w2 = program.add_weight(f"{origin}_second", second_w, origin, self.name, f"rank {rank}, second conv")
         mid = program.graph.call_function(CONV2D, (x, w1, None, *first_args, 1))
         return program.graph.call_function(CONV2D, (mid, w2, bias, *second_args, 1))
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import NumericalMismatchError
+from ..errors import NumericalMismatchError, SlimfxError
 from ..hw_profiles.op_costs import program_cost, program_flops
 from ..ir.fake_prop import refresh_metadata
 from ..ir.program import Program
@@ -173,8 +173,14 @@ class PassManager:
         for pass_ in self.passes:
             params, flops = program.parameter_count(), program_flops(program.graph)
             start = time.perf_counter()
-            with torch.no_grad():
-                counts = pass_.run(program, ctx)
+            try:
+                with torch.no_grad():
+                    counts = pass_.run(program, ctx)
+            except SlimfxError as exc:  # name the pass; the type (and so how callers treat it) is kept
+                exc.args = (f"pass {pass_} failed: {exc}", *exc.args[1:])
+                raise
+            if any(counts.values()):
+                ctx.revision += 1
             program.gm.recompile()
             refresh_metadata(program)
             verify(program)

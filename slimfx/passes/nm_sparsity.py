@@ -19,10 +19,10 @@ from ..errors import PipelineError
 from ..hw_profiles.cost_model import dense_linear, latency, nm_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.ops import NM_LINEAR
-from ..ir.program import LINEAR, Program
+from ..ir.program import LINEAR, Constraint, Program
 from ..ir.sparse_format import compress
 from ..progress import progress
-from .base import Pass, PassContext, is_shared_weight, register
+from .base import Pass, PassContext, layer_uses, refusal, register
 from .calibration import LayerStats, require_stats
 from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
 from .nm_permute import kept_saliency, producer_of, search_permutation
@@ -68,22 +68,29 @@ class NMSparsity(Pass):
         if self.skip_last:
             layers = layers[:-1]
         hints = size_hints(program.graph)
-        chosen = []
+        chosen, decided = [], set()
         for node in layers:
-            origin = program.weights[node.args[1].target].origin
-            if (self.exclude and re.search(self.exclude, origin)) or (self.only and not re.search(self.only, origin)):
+            target = node.args[1].target
+            origin = program.weights[target].origin
+            if target in decided or (self.exclude and re.search(self.exclude, origin)) \
+                    or (self.only and not re.search(self.only, origin)):
                 continue
-            if is_shared_weight(program, node):
-                counts["skipped-shared-weight"] += 1
-                ctx.skip(self.name, origin, "the weight is shared with another use")
+            decided.add(target)  # a weight is decided once, for all the layers that read it
+            uses = layer_uses(program, node)
+            why = "the weight is also read by another kind of op (tied)" if uses is None else \
+                refusal(program, node, ("nm-mask", "quantized", "factorized"))
+            if why is not None:
+                counts["skipped-shared-weight" if uses is None else "skipped-constrained"] += 1
+                ctx.skip(self.name, origin, why)
                 continue
-            chosen.append((node, origin))
-        permuted_stats = self._permute_inputs(program, chosen, stats, counts) if self.permute else {}
-        for node, origin in progress(chosen, "nm layers"):
-            layer_stats = permuted_stats.get(node)
+            chosen.append((uses, origin))
+        single = [(uses[0], origin) for uses, origin in chosen if len(uses) == 1]  # a shared input cannot be permuted
+        permuted_stats = self._permute_inputs(program, single, stats, counts, ctx) if self.permute else {}
+        for uses, origin in progress(chosen, "nm layers"):
+            layer_stats = permuted_stats.get(uses[0])
             if layer_stats is None and stats is not None:
-                layer_stats = stats.get(origin, program.tensor(node.args[1]).shape[1])
-            outcome, why = self._rewrite(program, node, origin, layer_stats, hints, ctx)
+                layer_stats = stats.get(origin, program.tensor(uses[0].args[1]).shape[1])
+            outcome, why = self._rewrite(program, uses, origin, layer_stats, hints, ctx)
             counts[outcome] += 1
             if outcome.startswith("skipped"):
                 ctx.skip(self.name, origin, why.removeprefix("left dense: "))
@@ -93,7 +100,7 @@ class NMSparsity(Pass):
         program.drop_unused_weights()
         return counts
 
-    def _permute_inputs(self, program: Program, chosen: list, stats, counts: Counter) -> dict:
+    def _permute_inputs(self, program: Program, chosen: list, stats, counts: Counter, ctx: PassContext) -> dict:
         """Reorder each chosen layer's input channels (and its producer's outputs); returns permuted stats."""
         permuted: dict = {}
         for node, origin in chosen:
@@ -115,6 +122,7 @@ class NMSparsity(Pass):
             if layer_stats is not None:
                 permuted[node] = LayerStats(layer_stats.gram[perm][:, perm], layer_stats.abs_sum[perm],
                                             layer_stats.rows)
+            ctx.inputs_changed.add(origin)  # statistics collected before this pass no longer describe its input
             counts["permuted"] += 1
         return permuted
 
@@ -124,8 +132,9 @@ class NMSparsity(Pass):
             new = program.add_weight(f"{old.target}_perm", value, program.weights[old.target].origin, self.name, note)
         node.update_arg(index, new)
 
-    def _rewrite(self, program: Program, node: fx.Node, origin: str, layer_stats, hints: dict,
+    def _rewrite(self, program: Program, uses: list[fx.Node], origin: str, layer_stats, hints: dict,
                  ctx: PassContext) -> tuple[str, str]:
+        node = uses[0]
         weight = program.tensor(node.args[1])
         out_f, in_f = weight.shape
         if in_f % self.m:
@@ -153,27 +162,32 @@ class NMSparsity(Pass):
             error = (float(((diff @ layer_stats.gram) * diff).sum()) / max(total, 1e-30)) ** 0.5
             note["pred_err"] = round(error, 4)
             ctx.layer_errors[origin] = error
-        bias = node.args[2] if len(node.args) > 2 else None
-        with program.graph.inserting_before(node):
+        mask_kept = (Constraint("nm-mask", self.name, f"{self.n}:{self.m}"),)
+        with program.graph.inserting_before(node):  # new weights are made once, before the first use
             if layout == "compressed" and _has_cuda_2_4(pruned, self.n, self.m):
                 # torch's semi-structured tensor (cuSPARSELt/CUTLASS): a plain linear runs the sparse kernel
                 from torch.sparse import to_sparse_semi_structured
 
-                w = program.add_weight(f"{origin}_2of4", to_sparse_semi_structured(pruned), origin, self.name,
-                                       "2:4 semi-structured (CUDA)")
-                new = program.graph.call_function(LINEAR, (node.args[0], w, bias))
+                weights = (program.add_weight(f"{origin}_2of4", to_sparse_semi_structured(pruned), origin, self.name,
+                                              "2:4 semi-structured (CUDA)", mask_kept),)
+                make = lambda x, bias: (LINEAR, (x, weights[0], bias))  # noqa: E731
             elif layout == "compressed":
                 values, indices = compress(pruned, mask, self.n, self.m)
-                v = program.add_weight(f"{origin}_values", values, origin, self.name, f"{self.n}:{self.m} values")
-                i = program.add_weight(f"{origin}_indices", indices, origin, self.name, f"{self.n}:{self.m} indices")
-                new = program.graph.call_function(NM_LINEAR, (node.args[0], v, i, bias, self.n, self.m, in_f))
+                weights = (program.add_weight(f"{origin}_values", values, origin, self.name,
+                                              f"{self.n}:{self.m} values", mask_kept),
+                           program.add_weight(f"{origin}_indices", indices, origin, self.name,
+                                              f"{self.n}:{self.m} indices", mask_kept))
+                make = lambda x, bias: (NM_LINEAR, (x, *weights, bias, self.n, self.m, in_f))  # noqa: E731
             else:
-                w = program.add_weight(f"{origin}_{self.n}of{self.m}", pruned, origin, self.name,
-                                       f"{self.n}:{self.m} masked, dense layout")
-                new = program.graph.call_function(LINEAR, (node.args[0], w, bias))
-        program.annotations(new).update(note)
-        node.replace_all_uses_with(new)
-        program.graph.erase_node(node)
+                weights = (program.add_weight(f"{origin}_{self.n}of{self.m}", pruned, origin, self.name,
+                                              f"{self.n}:{self.m} masked, dense layout", mask_kept),)
+                make = lambda x, bias: (LINEAR, (x, weights[0], bias))  # noqa: E731
+        for use in uses:
+            with program.graph.inserting_before(use):
+                new = program.graph.call_function(*make(use.args[0], use.args[2] if len(use.args) > 2 else None))
+            program.annotations(new).update(note)
+            use.replace_all_uses_with(new)
+            program.graph.erase_node(use)
         return layout, why
 
     def _choose_layout(self, node: fx.Node, hints: dict, ctx: PassContext) -> tuple[str, str]:

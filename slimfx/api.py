@@ -80,7 +80,7 @@ def compress(
     report = manager.run(program, ctx)
     report.notes[:0] = program.notes
     result = CompressedModule(program.gm, report, program)
-    _finish_report(report, reference, result, args, kwargs)
+    _finish_report(report, reference, result, args, kwargs, calibration is not None)
     return result
 
 
@@ -104,15 +104,17 @@ def _eval_outputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         model.train(was_training)
 
 
-def _finish_report(report: Report, reference: Any, result: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+def _finish_report(report: Report, reference: Any, result: torch.nn.Module, args: tuple, kwargs: dict,
+                   had_calibration: bool) -> None:
     with torch.no_grad():
         report.final_rel_error = relative_error(reference, result(*args, **kwargs))
     if report.final_rel_error > BROKEN_ERROR:
         worst = ", ".join(f"{name} ({err:.2f})" for name, err in report.worst_layers()) or "none recorded"
         warnings.warn(
             f"the compressed model's output error is {report.final_rel_error:.2f} relative to the original: it is "
-            f"probably broken. Largest predicted layer errors: {worst}. Keep more (e.g. a higher keep=), exclude "
-            "those layers (exclude=...), or pass calibration data for a data-aware method.", stacklevel=3)
+            f"probably broken. Largest predicted layer errors: {worst}. Keep more (e.g. a higher keep=) or exclude "
+            f"those layers (exclude=...){'' if had_calibration else ', or pass calibration data for a data-aware method'}.",
+            stacklevel=3)
 
 
 def _compress_parts(model: torch.nn.Module, args: tuple, kwargs: dict, manager: PassManager, ctx: PassContext,
@@ -138,5 +140,5 @@ def _compress_parts(model: torch.nn.Module, args: tuple, kwargs: dict, manager: 
         replace_submodule(runner, part.name, part.program.gm)
     report.pipeline = ",".join(str(p) for p in manager.passes)
     result = CompressedModule(runner, report, None, split.parts)
-    _finish_report(report, reference, result, args, kwargs)
+    _finish_report(report, reference, result, args, kwargs, ctx.calibration is not None)
     return result

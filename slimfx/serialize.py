@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import SlimfxError, one_line
+from .errors import ModelInputError, SlimfxError, one_line
 from .ir.fake_prop import size_one_stays_dynamic
 from .ir.model_outputs import ensure_pytree_types, pytree_type_names
+from .passes.calibration import describe_inputs
 
 FORMAT = "slimfx-saved/1"
 
@@ -54,7 +55,13 @@ class LoadedProgram(torch.nn.Module):
         return {**own, **{alias: own[target] for alias, target in self._aliases.items()}}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.program(self.weights(), args, kwargs)
+        try:
+            return self.program(self.weights(), args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - torch names internal arguments; say what the model takes
+            raise ModelInputError(
+                f"the loaded model does not take these inputs ({type(exc).__name__}: {one_line(exc)}); it was saved "
+                f"from a model called with {self.manifest.get('example_inputs', '?')} (sizes may vary where the "
+                "model allows, ranks and dtypes may not)") from exc
 
 
 def save(module: torch.nn.Module, path: str | os.PathLike) -> Path:
@@ -102,6 +109,7 @@ def save(module: torch.nn.Module, path: str | os.PathLike) -> Path:
         "pipeline": getattr(report, "pipeline", ""),
         "profile": getattr(getattr(report, "cost", None), "profile", None),
         "final_rel_error": getattr(report, "final_rel_error", None),
+        "example_inputs": describe_inputs(program.example_args, program.example_kwargs),
         "weights": list(weights),
         "aliases": aliases,
         "pytree_types": pytree_type_names(exported.call_spec.in_spec) + pytree_type_names(exported.call_spec.out_spec),

@@ -7,6 +7,9 @@ import tempfile
 import pytest
 import torch
 
+from slimfx.errors import SlimfxError
+from slimfx.passes import Pass
+
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(2)
 os.environ.setdefault("SLIMFX_CACHE", tempfile.mkdtemp(prefix="slimfx-test-cache-"))  # never the user's cache
@@ -48,3 +51,25 @@ def hf_models():
     bert = transformers.BertModel(transformers.BertConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100))
     return [("gpt2", gpt2.eval(), ids), ("bert", bert.eval(), ids)]
+
+
+class _HalfRewriteThenFail(Pass):
+    name = "test-half-rewrite"
+    summary = "rewrites every relu into a sigmoid, then fails (tests rollback)"
+
+    def run(self, program, ctx):
+        for node in program.graph.nodes:
+            if node.target in (torch.relu, torch.nn.functional.relu, torch.ops.aten.relu.default):
+                node.target = torch.sigmoid
+        raise SlimfxError("deliberate failure after a partial rewrite")
+
+
+@pytest.fixture
+def half_rewrite_pass():
+    from dataclasses import dataclass
+
+    from slimfx.passes import PASSES, register
+
+    cls = register(dataclass(_HalfRewriteThenFail))
+    yield cls
+    del PASSES[cls.name]

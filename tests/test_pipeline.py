@@ -12,7 +12,7 @@ from nets import SharedConvBN, SmallResNet, randomize_bn
 
 import slimfx
 from slimfx.errors import NumericalMismatchError, PipelineError
-from slimfx.ir import BATCH_NORM
+from slimfx.ir import BATCH_NORM, refresh_metadata
 from slimfx.passes import PASSES, Pass, PassManager, format_pipeline, parse_pipeline, register
 from slimfx.passes.fold_bn import FoldBatchNorm
 
@@ -112,12 +112,23 @@ def test_dead_code_removes_unused_ops_and_their_weights():
             self.unused(x)
             return self.used(x)
 
-    program = slimfx.capture(Wasteful(), (torch.randn(2, 4),))
+    x, model = torch.randn(2, 4), Wasteful()
+    program = slimfx.capture(model, (x,))
+    # capture already drops the dead linear, so plant dead work that only the pass can remove: an unused op
+    # chain and an unused weight read
+    graph, first_user = program.graph, next(n for n in program.graph.nodes if n.op == "call_function")
+    with graph.inserting_before(first_user):
+        spare = program.add_weight("spare", torch.randn(4, 4), "spare", "test")
+        dead = graph.call_function(torch.ops.aten.linear.default, (first_user.args[0], spare, None))
+        graph.call_function(torch.ops.aten.relu.default, (dead,))
+    program.gm.recompile()
+    refresh_metadata(program)
     before = program.parameter_count()
     report = PassManager("dead-code").run(program)
-    # export may already drop the dead linear; what remains must be exactly the used layer
-    assert program.parameter_count() == 20 and report.params_after <= before
+    assert report.rewrites("dead-code") == {"ops": 2, "weights": 1}
+    assert before == 36 and program.parameter_count() == 20
     assert set(program.weights) == {"used.weight", "used.bias"}
+    torch.testing.assert_close(program(x), model(x))
 
 
 def test_manager_catches_an_exact_pass_that_changes_outputs():

@@ -88,3 +88,91 @@ def test_half_precision_models_compress_through_both_entry_points(dtype):
     assert sum(r.rewrites.get("conv-bn", 0) for r in report.passes) == 7
     assert ((out.double() - model(x).double()).norm() / model(x).double().norm()).item() < 4 * torch.finfo(dtype).eps
     torch._dynamo.reset()
+
+
+class _TwiceApplied(nn.Module):
+    """One linear applied twice: its weight has two uses, which must be decided and compressed once."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.shared(torch.relu(self.shared(self.inp(x))))))
+
+
+@pytest.mark.parametrize("pipeline, op, kind", [
+    ("factorize{rank=8,method=svd,exclude=inp|out}", torch.ops.slimfx.lowrank_linear.default, "linear"),
+    ("nm{method=magnitude,exclude=inp|out}", torch.ops.slimfx.nm_linear.default, "compressed")])
+def test_a_layer_applied_twice_is_compressed_once_for_both_uses(pipeline, op, kind):
+    torch.manual_seed(0)
+    model = _TwiceApplied().eval()
+    result = slimfx.compress(model, (torch.randn(4, 16),), pipeline=pipeline)
+    uses = [n for n in result.program.graph.nodes if n.target == op]
+    assert len(uses) == 2 and all(a is b for a, b in zip(uses[0].args[1:3], uses[1].args[1:3]))
+    assert result.report.rewrites(pipeline.split("{")[0]) == {kind: 1}  # one decision
+    assert result.report.weight_bytes_after < result.report.weight_bytes_before
+
+
+def test_a_tied_lm_head_stays_dense_and_keeps_its_first_owners_name():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300)).eval()
+    ids = torch.randint(0, 300, (2, 8))
+    result = slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5,method=svd},nm{method=magnitude}")
+    tied = [s for s in result.report.skipped if "wte" in s.layer]
+    assert [s.pass_name for s in tied] == ["factorize", "nm"] and tied[0].layer == "transformer.wte.weight"
+    assert result.report.weight_bytes_after < result.report.weight_bytes_before  # never bigger
+
+    plain = slimfx.compress(model, (ids,), pipeline="")  # GPT-2's Conv1D weights are transposed as views
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert {t.untyped_storage().data_ptr() for t in [*plain.parameters(), *plain.buffers()]} <= own
+
+
+def test_a_later_pass_respects_an_nm_mask_and_never_reads_stale_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(8, 32)
+    batches = [(torch.randn(64, 32),) for _ in range(2)]
+    masked = slimfx.compress(model, (x,), pipeline="nm{method=magnitude,layout=dense},factorize{rank=4,method=svd}")
+    assert masked.report.rewrites("factorize") == {"skipped-constrained": 3}
+    assert {s.reason for s in masked.report.skipped} == {"keeps nm-mask 2:4 (set by nm)"}
+
+    # a permutation changes a layer's input: statistics gathered before no longer describe it
+    from slimfx.passes.calibration import resolve_stats
+
+    ready = slimfx.collect_stats(model, batches)  # statistics of the original model
+    for calibration in (ready, batches):
+        program = slimfx.capture(model, (x,))
+        ctx = PassContext(calibration=calibration)
+        PassManager("nm{method=wanda,permute=true,only=^4}", check=False).run(program, ctx)
+        assert ctx.inputs_changed == {"4.weight"}
+        now = resolve_stats(program, ctx)
+        assert ready.get("4.weight", 64) is not None and now.get("4.weight", 64) is None  # withheld / not collected
+    # raw batches: after any rewrite they are run through the program as it is now
+    program = slimfx.capture(model, (x,))
+    ctx = PassContext(calibration=batches)
+    PassManager("factorize{rank=4,method=svd,exclude=^[24]}", check=False).run(program, ctx)
+    now, fresh = resolve_stats(program, ctx), collect_stats(program, batches)
+    assert torch.equal(now.get("2.weight", 64).gram, fresh.get("2.weight", 64).gram)
+    assert (now.get("2.weight", 64).gram - ready.get("2.weight", 64).gram).abs().max() > 1e-3  # 0 changed its input
+
+
+def test_buffers_are_not_compressed():
+    class Rotated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("rotation", torch.linalg.qr(torch.randn(32, 32))[0])
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(x @ self.rotation.T)
+
+    result = slimfx.compress(Rotated().eval(), (torch.randn(4, 32),), pipeline="factorize{rank=4,method=svd}")
+    assert result.report.rewrites("factorize") == {"linear": 1, "skipped-constrained": 1}
+    assert [s.reason for s in result.report.skipped] == ["not a trained weight (buffer)"]
+
+
+def test_compress_names_the_failing_pass(half_rewrite_pass):
+    with pytest.raises(slimfx.SlimfxError, match="pass test-half-rewrite failed: deliberate failure"):
+        slimfx.compress(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), (torch.randn(2, 4),),
+                        pipeline="test-half-rewrite")

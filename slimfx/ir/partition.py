@@ -78,8 +78,11 @@ def partition(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool =
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
             tensors = [*child.parameters(), *child.buffers()]
-            if child not in first or not tensors:
-                continue  # not called on the example inputs, or nothing to compress
+            if not tensors:
+                continue  # nothing to compress
+            if child not in first:
+                notes.append(f"{name} did not run on the example inputs: left as it was")
+                continue
             shared = any(not inside(name, owners[id(t)]) for t in tensors)
             if shared or count[child] > 1:
                 notes.append(f"{name} is {'shared with other modules' if shared else 'called more than once'}: "

@@ -47,6 +47,15 @@ class Skip:
     layer: str
 
 
+def first_use_of_each_weight(program: Program, targets: tuple) -> list:
+    """The first layer (op in ``targets``) reading each weight, in graph order: one entry per weight."""
+    first: dict[str, Any] = {}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in targets and program.is_weight(node.args[1]):
+            first.setdefault(node.args[1].target, node)
+    return list(first.values())
+
+
 def layer_uses(program: Program, layer: Any) -> list | None:
     """Every layer that reads this layer's weight, in graph order, so the weight is decided once for all of them
     (a layer applied twice); None if the weight is also read by something else (an lm_head tied to an
@@ -184,6 +193,8 @@ def make_pass(name: str, options: Mapping[str, Any]) -> Pass:
     values = {}
     for key, raw in options.items():
         if key not in declared:
-            raise PipelineError(f"pass {name!r} has no option {key!r}; its options are: {describe_options(cls)}")
+            close = difflib.get_close_matches(key, declared, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise PipelineError(f"pass {name!r} has no option {key!r}.{hint} Its options are: {describe_options(cls)}")
         values[key] = convert(declared[key], raw, f"{name}: option {key}")
     return cls(**values)

@@ -128,7 +128,7 @@ def model_inputs(batch: Any, index: int) -> tuple[tuple, dict]:
                            f"{CALIBRATION_FORM}")
 
 
-def _describe(args: tuple, kwargs: dict | None = None) -> str:
+def describe_inputs(args: tuple, kwargs: dict | None = None) -> str:
     def one(v: Any) -> str:
         return f"{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
 
@@ -141,7 +141,7 @@ class _Accumulator:
 
     def __init__(self, program: Program, stats: ActivationStats):
         self.program, self.collector = program, _Collector(program, stats)
-        self.example = _describe(program.example_args, program.example_kwargs)
+        self.example = describe_inputs(program.example_args, program.example_kwargs)
         self.spec = pytree.tree_flatten((program.example_args, program.example_kwargs))[1]
 
     def add(self, args: tuple, kwargs: dict, index: int) -> None:
@@ -150,9 +150,17 @@ class _Accumulator:
             kwargs = {k: kwargs[k] for k in example_kwargs}
         leaves, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.spec:
-            hint = " (drop labels, e.g. ((x,) for x, _ in loader))" if len(args) > len(self.program.example_args) else ""
+            if kwargs and not example_kwargs:
+                hint = (": keyword batches need keyword example inputs too, e.g. "
+                        "compress(model, (), {'input_ids': ids, 'attention_mask': mask}, calibration=...)")
+            elif args and example_kwargs and not self.program.example_args:
+                hint = ": the example inputs were given as keywords, so give each batch as a dict of the same keys"
+            elif len(args) > len(self.program.example_args):
+                hint = " (drop labels, e.g. ((x,) for x, _ in loader))"
+            else:
+                hint = ""
             raise CalibrationError(
-                f"calibration batch {index} {_describe(args, kwargs)} is not structured like the example inputs "
+                f"calibration batch {index} {describe_inputs(args, kwargs)} is not structured like the example inputs "
                 f"{self.example}; each batch must be a full set of the model's inputs{hint}"
             )
         try:
@@ -164,7 +172,7 @@ class _Accumulator:
 
 def _does_not_fit(index: int, args: tuple, kwargs: dict, exc: Exception, captured: str = "") -> CalibrationError:
     first = str(exc).splitlines()[0] if str(exc) else ""
-    return CalibrationError(f"calibration batch {index} {_describe(args, kwargs)} does not fit the model{captured}: "
+    return CalibrationError(f"calibration batch {index} {describe_inputs(args, kwargs)} does not fit the model{captured}: "
                             f"{type(exc).__name__}: {first}")
 
 

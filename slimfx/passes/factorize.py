@@ -23,7 +23,7 @@ from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hint
 from ..ir.ops import LOWRANK_LINEAR
 from ..ir.program import CONV2D, LINEAR, Constraint, Program
 from ..progress import progress
-from .base import Pass, PassContext, layer_uses, refusal, register
+from .base import Pass, PassContext, first_use_of_each_weight, layer_uses, refusal, register
 from .calibration import require_stats
 from .lowrank import LowRankFactors, factorize_matrix, spatial_factors
 
@@ -92,15 +92,12 @@ class Factorize(Pass):
         stats = require_stats(program, ctx, self.method != "svd", f"factorize{{method={self.method}}}", "method=svd")
         multiple = ctx.profile.rank_multiple if ctx.profile is not None else 1
         hints = size_hints(program.graph)
-        layers = [n for n in program.graph.nodes
-                  if n.op == "call_function" and n.target in (LINEAR, CONV2D) and program.is_weight(n.args[1])]
-        decided: set[str] = set()
+        layers = first_use_of_each_weight(program, (LINEAR, CONV2D))  # decided once for all layers reading it
         for node in progress(layers, "factorize layers"):
             target = node.args[1].target
             origin = program.weights[target].origin
-            if target in decided or (self.exclude and re.search(self.exclude, origin)):
+            if self.exclude and re.search(self.exclude, origin):
                 continue
-            decided.add(target)  # a weight is decided once, for all the layers that read it
             if program.weights[target].derived_by == self.name:
                 continue  # already one half of a factorized pair
             uses = layer_uses(program, node)

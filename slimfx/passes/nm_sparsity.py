@@ -22,7 +22,7 @@ from ..ir.ops import NM_LINEAR
 from ..ir.program import LINEAR, Constraint, Program
 from ..ir.sparse_format import compress
 from ..progress import progress
-from .base import Pass, PassContext, layer_uses, refusal, register
+from .base import Pass, PassContext, first_use_of_each_weight, layer_uses, refusal, register
 from .calibration import LayerStats, require_stats
 from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
 from .nm_permute import kept_saliency, producer_of, search_permutation
@@ -61,21 +61,17 @@ class NMSparsity(Pass):
         counts: Counter = Counter()
         stats = require_stats(program, ctx, self.method != "magnitude", f"nm{{method={self.method}}}",
                               "method=magnitude")
-        layers = [n for n in program.graph.nodes
-                  if n.op == "call_function" and n.target == LINEAR and program.is_weight(n.args[1])]
+        layers = first_use_of_each_weight(program, (LINEAR,))  # a weight is decided once for all layers reading it
         if self.skip_first:
             layers = layers[1:]
         if self.skip_last:
             layers = layers[:-1]
         hints = size_hints(program.graph)
-        chosen, decided = [], set()
+        chosen = []
         for node in layers:
-            target = node.args[1].target
-            origin = program.weights[target].origin
-            if target in decided or (self.exclude and re.search(self.exclude, origin)) \
-                    or (self.only and not re.search(self.only, origin)):
+            origin = program.weights[node.args[1].target].origin
+            if (self.exclude and re.search(self.exclude, origin)) or (self.only and not re.search(self.only, origin)):
                 continue
-            decided.add(target)  # a weight is decided once, for all the layers that read it
             uses = layer_uses(program, node)
             why = "the weight is also read by another kind of op (tied)" if uses is None else \
                 refusal(program, node, ("nm-mask", "quantized", "factorized"))

@@ -12,11 +12,11 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from ..errors import CalibrationError
-from ..ir.program import CONV2D, LINEAR, Program
+from ..ir.op_table import weighted_op
+from ..ir.program import Program
 
 
 @dataclass
@@ -55,18 +55,6 @@ class ActivationStats:
         return ActivationStats({k: v for k, v in self.layers.items() if k[0] not in origins}, self.batches)
 
 
-def layer_rows(node: fx.Node, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows of its reduction dimension: [rows, in] (convs: unfolded patches)."""
-    if node.target == LINEAR:
-        return x.reshape(-1, x.shape[-1])
-    weight_shape = node.args[1].meta["val"].shape
-    _, _, stride, padding, dilation, groups = node.args[1:7]
-    if groups != 1:
-        raise ValueError("grouped conv")
-    patches = F.unfold(x, tuple(weight_shape[2:]), dilation=dilation, padding=padding, stride=stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
 class _Collector(fx.Interpreter):
     def __init__(self, program: Program, stats: ActivationStats):
         super().__init__(program.gm)
@@ -75,14 +63,12 @@ class _Collector(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_module" and not n.users:
             return None  # export's shape guard: calibration batches may be larger than the example (e.g. batch 1)
-        if n.op == "call_function" and n.target in (LINEAR, CONV2D) and self.program.is_weight(n.args[1]):
+        op = weighted_op(n)
+        if op is not None and self.program.is_weight(n.args[1]):
             x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
             origin = self.program.weights[n.args[1].target].origin
             if isinstance(x, torch.Tensor):
-                try:
-                    rows = layer_rows(n, x)
-                except ValueError:
-                    rows = None
+                rows = op.rows(n, x)
                 if rows is not None:
                     key = (origin, rows.shape[1])
                     if key not in self.stats.layers:

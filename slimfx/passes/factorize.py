@@ -20,6 +20,7 @@ from ..errors import PipelineError
 from ..hw_profiles.cost_model import conv2d as conv_kernels
 from ..hw_profiles.cost_model import dense_linear, latency, lowrank_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
+from ..ir.op_table import DENSE_LAYERS
 from ..ir.ops import LOWRANK_LINEAR
 from ..ir.program import CONV2D, LINEAR, Constraint, Program
 from ..progress import progress
@@ -92,7 +93,7 @@ class Factorize(Pass):
         stats = require_stats(program, ctx, self.method != "svd", f"factorize{{method={self.method}}}", "method=svd")
         multiple = ctx.profile.rank_multiple if ctx.profile is not None else 1
         hints = size_hints(program.graph)
-        layers = first_use_of_each_weight(program, (LINEAR, CONV2D))  # decided once for all layers reading it
+        layers = first_use_of_each_weight(program, DENSE_LAYERS)  # decided once for all the layers reading it
         for node in progress(layers, "factorize layers"):
             target = node.args[1].target
             origin = program.weights[target].origin

@@ -110,16 +110,17 @@ def test_whitened_beats_plain_svd_on_a_trained_transformer(digits_transformer):
     model, data = digits_transformer
     results = _compare_methods(model, data, keep=0.3, exclude="head|embed")
     assert results["whitened"][2] == results["svd"][2]  # the same parameter budget
-    assert results["whitened"][0] < results["svd"][0]  # lower output error
-    assert results["whitened"][1] < results["svd"][1]  # lower task loss (held-out cross-entropy)
+    # with margins, so the ordering is not luck (recorded: error 0.18 vs 0.57, loss 0.14 vs 0.57)
+    assert results["whitened"][0] < 0.7 * results["svd"][0]  # lower output error
+    assert results["whitened"][1] < 0.5 * results["svd"][1]  # lower task loss (held-out cross-entropy)
 
 
 def test_whitened_beats_plain_svd_on_a_trained_conv_net(digits_cnn):
     model, data = digits_cnn
     results = _compare_methods(model, data, keep=0.3, exclude="fc2|conv1")
     assert results["whitened"][2] == results["svd"][2]
-    assert results["whitened"][0] < results["svd"][0]
-    assert results["whitened"][1] < results["svd"][1]
+    assert results["whitened"][0] < 0.9 * results["svd"][0]  # recorded: error 0.30 vs 0.36, loss 0.18 vs 0.23
+    assert results["whitened"][1] < 0.85 * results["svd"][1]
 
 
 def test_conv_net_counts_and_annotations(digits_cnn):

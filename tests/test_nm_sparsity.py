@@ -69,11 +69,14 @@ def test_format_round_trips():
         torch.testing.assert_close(decompress(values, packed, n, m, 24), weight * mask)
 
 
-def _losses(model, data, methods=("magnitude", "wanda", "sparsegpt")):
+def _losses(model, data, methods=("magnitude", "wanda", "sparsegpt"), seed=None):
+    batches = calibration(data)
+    if seed is not None:  # another calibration sample of the same size
+        order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:1024]
+        batches = [(data.train_x[order[i : i + 128]],) for i in range(0, 1024, 128)]
     losses = {}
     for method in methods:
-        result = slimfx.compress(model, (data.test_x[:32],), calibration=calibration(data),
-                                 pipeline=f"nm{{method={method}}}")
+        result = slimfx.compress(model, (data.test_x[:32],), calibration=batches, pipeline=f"nm{{method={method}}}")
         losses[method] = evaluate(result, data.test_x, data.test_y)[1]
         assert all(satisfies_pattern(w, 2, 4) for w, _, _ in pruned_weights(result.program))
     return losses
@@ -87,8 +90,10 @@ def test_sparsegpt_beats_both_one_shot_masks_on_a_trained_cnn(digits_cnn):
 
 
 def test_wanda_beats_magnitude_and_sparsegpt_beats_wanda_on_a_trained_mlp(digits_mlp):
-    losses = _losses(*digits_mlp)
-    assert losses["sparsegpt"] < losses["wanda"] < losses["magnitude"]
+    # three calibration samples, so the ordering is not one sample's luck; sparsegpt's lead has a margin
+    for seed in (None, 1, 2):
+        losses = _losses(*digits_mlp, seed=seed)
+        assert losses["sparsegpt"] < 0.8 * losses["wanda"] and losses["wanda"] < losses["magnitude"], (seed, losses)
 
 
 def test_profile_keeps_dense_layout_where_the_sparse_kernel_would_not_pay(digits_mlp):

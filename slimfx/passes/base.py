@@ -68,6 +68,16 @@ def layer_uses(program: Program, layer: Any) -> list | None:
     return sorted(users, key=order.__getitem__)
 
 
+def replace_each(program: Program, uses: list, build: Any, note: dict) -> None:
+    """Replace every use of a decided weight by ``build(use)`` (built just before it), annotated with ``note``."""
+    for use in uses:
+        with program.graph.inserting_before(use):
+            new = build(use)
+        program.annotations(new).update(note)
+        use.replace_all_uses_with(new)
+        program.graph.erase_node(use)
+
+
 def refusal(program: Program, layer: Any, kinds: tuple[str, ...]) -> str | None:
     """Why a lossy pass must not touch this layer's weight, or None: it is not a trained weight, or an earlier
     pass gave it a property (``kinds`` of constraints) this pass would destroy."""

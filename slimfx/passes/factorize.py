@@ -24,7 +24,7 @@ from ..ir.op_table import DENSE_LAYERS
 from ..ir.ops import LOWRANK_LINEAR
 from ..ir.program import CONV2D, LINEAR, Constraint, Program
 from ..progress import progress
-from .base import Pass, PassContext, first_use_of_each_weight, layer_uses, refusal, register
+from .base import Pass, PassContext, first_use_of_each_weight, layer_uses, refusal, register, replace_each
 from .calibration import require_stats
 from .lowrank import LowRankFactors, factorize_matrix, spatial_factors
 
@@ -164,16 +164,14 @@ class Factorize(Pass):
                                            factorized)
                 second = program.add_weight(f"{origin}_second", second_w, origin, self.name,
                                             f"rank {rank}, second conv", factorized)
-        for use in uses:
-            with program.graph.inserting_before(use):
-                if not is_conv:
-                    bias = use.args[2] if len(use.args) > 2 else None
-                    new = program.graph.call_function(LOWRANK_LINEAR, (use.args[0], first, second, bias))
-                else:
-                    new = self._conv_pair(program, use, first, second, spatial)
-            program.annotations(new).update(note)
-            use.replace_all_uses_with(new)
-            program.graph.erase_node(use)
+
+        def build(use: fx.Node) -> fx.Node:
+            if is_conv:
+                return self._conv_pair(program, use, first, second, spatial)
+            bias = use.args[2] if len(use.args) > 2 else None
+            return program.graph.call_function(LOWRANK_LINEAR, (use.args[0], first, second, bias))
+
+        replace_each(program, uses, build, note)
         if not is_conv:
             return "linear"
         return "conv-spatial" if spatial else "conv-channel"

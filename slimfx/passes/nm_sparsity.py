@@ -22,7 +22,7 @@ from ..ir.ops import NM_LINEAR
 from ..ir.program import LINEAR, Constraint, Program
 from ..ir.sparse_format import compress
 from ..progress import progress
-from .base import Pass, PassContext, first_use_of_each_weight, layer_uses, refusal, register
+from .base import Pass, PassContext, first_use_of_each_weight, layer_uses, refusal, register, replace_each
 from .calibration import LayerStats, require_stats
 from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
 from .nm_permute import kept_saliency, producer_of, search_permutation
@@ -164,26 +164,26 @@ class NMSparsity(Pass):
                 # torch's semi-structured tensor (cuSPARSELt/CUTLASS): a plain linear runs the sparse kernel
                 from torch.sparse import to_sparse_semi_structured
 
+                target, tail = LINEAR, ()
                 weights = (program.add_weight(f"{origin}_2of4", to_sparse_semi_structured(pruned), origin, self.name,
                                               "2:4 semi-structured (CUDA)", mask_kept),)
-                make = lambda x, bias: (LINEAR, (x, weights[0], bias))  # noqa: E731
             elif layout == "compressed":
                 values, indices = compress(pruned, mask, self.n, self.m)
+                target, tail = NM_LINEAR, (self.n, self.m, in_f)
                 weights = (program.add_weight(f"{origin}_values", values, origin, self.name,
                                               f"{self.n}:{self.m} values", mask_kept),
                            program.add_weight(f"{origin}_indices", indices, origin, self.name,
                                               f"{self.n}:{self.m} indices", mask_kept))
-                make = lambda x, bias: (NM_LINEAR, (x, *weights, bias, self.n, self.m, in_f))  # noqa: E731
             else:
+                target, tail = LINEAR, ()
                 weights = (program.add_weight(f"{origin}_{self.n}of{self.m}", pruned, origin, self.name,
                                               f"{self.n}:{self.m} masked, dense layout", mask_kept),)
-                make = lambda x, bias: (LINEAR, (x, weights[0], bias))  # noqa: E731
-        for use in uses:
-            with program.graph.inserting_before(use):
-                new = program.graph.call_function(*make(use.args[0], use.args[2] if len(use.args) > 2 else None))
-            program.annotations(new).update(note)
-            use.replace_all_uses_with(new)
-            program.graph.erase_node(use)
+
+        def build(use: fx.Node) -> fx.Node:
+            bias = use.args[2] if len(use.args) > 2 else None
+            return program.graph.call_function(target, (use.args[0], *weights, bias, *tail))
+
+        replace_each(program, uses, build, note)
         return layout, why
 
     def _choose_layout(self, node: fx.Node, hints: dict, ctx: PassContext) -> tuple[str, str]:

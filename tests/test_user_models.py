@@ -280,3 +280,21 @@ def test_keyword_batches_with_a_positional_example_say_how_to_fix_it():
     ids = torch.randint(0, 500, (2, 8))
     with pytest.raises(CalibrationError, match="keyword batches need keyword example inputs too"):
         slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5}", calibration=[{"input_ids": ids}])
+
+
+def test_symbolic_shape_trouble_retries_with_the_examples_sizes(monkeypatch):
+    from slimfx import api
+    from slimfx.errors import ShapePropagationError
+
+    real_capture = api.capture
+
+    def symbolic_fails(model, args, kwargs, dynamic=True, **options):
+        if dynamic:
+            raise ShapePropagationError("shape propagation failed at %pad (aten.pad.default): RuntimeError: boom")
+        return real_capture(model, args, kwargs, dynamic=dynamic, **options)
+
+    monkeypatch.setattr(api, "capture", symbolic_fails)
+    model = randomize_bn(TinyMobileViT())
+    result = slimfx.compress(model, (torch.randn(2, 3, 30, 30),), pipeline="fold-bn")
+    assert result.program is not None and result.report.final_rel_error < 1e-5
+    assert any("captured with the example's fixed sizes" in n and "aten.pad" in n for n in result.report.notes)

@@ -14,9 +14,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR
+from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
 from ..ir.program import BATCH_NORM, CONV2D, LINEAR
-from .cost_model import Kernel, conv2d, dense_linear, kernel_latency, lowrank_linear, nm_linear
+from .cost_model import Kernel, conv2d, dense_linear, kernel_latency, lowrank_linear, nm_linear, quant_linear
 from .profiles import Profile
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8",
@@ -70,6 +70,15 @@ def _nm_linear(node: fx.Node) -> list[Kernel]:
     return nm_linear(numel(shape(x)[:-1]), out_f, sympy.Integer(in_f), n, m, val(x).element_size(), dtype_name(x))
 
 
+def _quant_linear(node: fx.Node) -> list[Kernel]:
+    x, a = node.args[0], node.args[4]
+    bits, group, in_f = node.args[7], node.args[8], node.args[9]
+    out_f = shape(node.args[1])[0]
+    rank = shape(a)[1] if isinstance(a, fx.Node) else 0
+    return quant_linear(numel(shape(x)[:-1]), out_f, sympy.Integer(in_f), bits, group, rank, val(x).element_size(),
+                        dtype_name(x))
+
+
 def _conv2d(node: fx.Node) -> list[Kernel]:
     x, w = node.args[0], node.args[1]
     batch, cin, h_in, w_in = shape(x)
@@ -90,7 +99,7 @@ def _elementwise(node: fx.Node) -> list[Kernel]:
 
 COST_RULES: dict[Any, Callable[[fx.Node], list[Kernel]]] = {
     LINEAR: _linear, CONV2D: _conv2d, BATCH_NORM: _elementwise, LOWRANK_LINEAR: _lowrank_linear,
-    NM_LINEAR: _nm_linear,
+    NM_LINEAR: _nm_linear, QUANT_LINEAR: _quant_linear,
 }
 
 _VIEW_NAMES = {"view", "reshape", "flatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",

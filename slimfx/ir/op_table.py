@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .ops import LOWRANK_LINEAR, NM_LINEAR
+from .ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
 from .program import CONV2D, LINEAR
 
 
@@ -45,6 +45,7 @@ WEIGHTED_OPS = {op.target: op for op in (
     WeightedOp("conv2d", CONV2D, (1,), 2, _patch_rows, dense=True),
     WeightedOp("lowrank_linear", LOWRANK_LINEAR, (1, 2), 3, _feature_rows, dense=False),
     WeightedOp("nm_linear", NM_LINEAR, (1, 2), 3, _feature_rows, dense=False),
+    WeightedOp("quant_linear", QUANT_LINEAR, (1, 2, 3, 4, 5), 6, _feature_rows, dense=False),
 )}
 DENSE_LAYERS = tuple(t for t, op in WEIGHTED_OPS.items() if op.dense)
 

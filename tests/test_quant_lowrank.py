@@ -75,11 +75,16 @@ def test_predicted_layer_error_is_the_measured_one():
     x = torch.randn(500, 64, dtype=torch.float64) * torch.rand(64, dtype=torch.float64)
     stats = LayerStats(torch.zeros(64, 64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64))
     stats.add(x)
-    for correction in ("none", "lqer", "eora", "alternate"):
-        result = QuantLowRank(bits=3, group=16, rank=6, correction=correction).quantize(weight, stats, 3, 16, 6)
+    for correction, int8 in (("none", False), ("lqer", False), ("eora", False), ("alternate", False), ("eora", True)):
+        result = QuantLowRank(bits=3, group=16, rank=6, correction=correction,
+                              correction_int8=int8).quantize(weight, stats, 3, 16, 6)
         approx = dequantize(result.codes, GroupParams(result.params.scales, result.params.zeros), 16, torch.float64)
         if result.a is not None:
-            approx = approx + result.a @ result.b
+            a, b = result.a.double(), result.b.double()
+            if int8:
+                assert result.a.dtype == result.b.dtype == torch.int8
+                a, b = a * result.a_scale[:, None], b * result.b_scale[:, None]
+            approx = approx + a @ b
         measured = ((x @ (weight - approx).T).norm() / (x @ weight.T).norm()).item()
         assert result.rel_error == pytest.approx(measured, rel=1e-6)
 
@@ -116,3 +121,17 @@ def test_candidates_cover_bits_groups_and_ranks_with_exact_errors(digits_mlp):
     plain = {o.bits: o.rel_error for o in options if o.group == 64 and o.rank == 0}
     assert plain[2] > plain[3] > plain[4] > plain[8]
     assert all(o.latency_s is not None and o.bytes > 0 for o in options)
+
+
+def test_an_int8_correction_takes_a_quarter_of_the_bytes_and_keeps_most_of_its_effect(digits_transformer):
+    model, data = digits_transformer
+    x, batches = data.test_x[:32], calibration(data)
+    results = {}
+    for name, extra in (("none", "rank=0"), ("fp32", "rank=16,correction=eora"),
+                        ("int8", "rank=16,correction=eora,correction_int8=true")):
+        results[name] = slimfx.compress(model, (x,), calibration=batches,
+                                        pipeline=f"quant-lowrank{{bits=3,group=32,exclude=head|embed,{extra}}}").report
+    plain = results["none"].weight_bytes_after
+    fp32, int8 = results["fp32"].weight_bytes_after - plain, results["int8"].weight_bytes_after - plain
+    assert int8 < 0.3 * fp32  # one byte per element, plus one scale per row
+    assert results["int8"].final_rel_error < 1.2 * results["fp32"].final_rel_error < results["none"].final_rel_error

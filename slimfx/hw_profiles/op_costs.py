@@ -72,7 +72,7 @@ def _nm_linear(node: fx.Node) -> list[Kernel]:
 
 def _quant_linear(node: fx.Node) -> list[Kernel]:
     x, a = node.args[0], node.args[4]
-    bits, group, in_f = node.args[7], node.args[8], node.args[9]
+    bits, group, in_f = node.args[9], node.args[10], node.args[11]
     out_f = shape(node.args[1])[0]
     rank = shape(a)[1] if isinstance(a, fx.Node) else 0
     return quant_linear(numel(shape(x)[:-1]), out_f, sympy.Integer(in_f), bits, group, rank, val(x).element_size(),

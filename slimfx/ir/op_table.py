@@ -45,7 +45,7 @@ WEIGHTED_OPS = {op.target: op for op in (
     WeightedOp("conv2d", CONV2D, (1,), 2, _patch_rows, dense=True),
     WeightedOp("lowrank_linear", LOWRANK_LINEAR, (1, 2), 3, _feature_rows, dense=False),
     WeightedOp("nm_linear", NM_LINEAR, (1, 2), 3, _feature_rows, dense=False),
-    WeightedOp("quant_linear", QUANT_LINEAR, (1, 2, 3, 4, 5), 6, _feature_rows, dense=False),
+    WeightedOp("quant_linear", QUANT_LINEAR, (1, 2, 3, 4, 5, 6, 7), 8, _feature_rows, dense=False),
 )}
 DENSE_LAYERS = tuple(t for t, op in WEIGHTED_OPS.items() if op.dense)
 

@@ -49,22 +49,27 @@ NM_LINEAR = torch.ops.slimfx.nm_linear.default
 
 @torch.library.custom_op("slimfx::quant_linear", mutates_args=())
 def quant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 a: Optional[torch.Tensor], b: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int,
-                 group: int, in_features: int) -> torch.Tensor:
+                 a: Optional[torch.Tensor], b: Optional[torch.Tensor], a_scale: Optional[torch.Tensor],
+                 b_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int, group: int,
+                 in_features: int) -> torch.Tensor:
     """y = x · deq(W)ᵀ + (x · bᵀ) · aᵀ + bias: packed group-wise integer weights plus an optional low-rank
-    correction a[out, r]·b[r, in]. Reference: unpack, dequantize, GEMM (the weights stay packed in memory)."""
+    correction a[out, r]·b[r, in], itself int8 with per-row scales when ``a_scale``/``b_scale`` are given.
+    Reference: unpack, dequantize, GEMM (the weights stay packed in memory)."""
     from .quant_format import GroupParams, dequantize, unpack
 
     weight = dequantize(unpack(packed, bits, in_features), GroupParams(scales, zeros), group, x.dtype)
     y = F.linear(x, weight, bias)
     if a is not None and b is not None:
+        if a_scale is not None and b_scale is not None:
+            a, b = a.to(x.dtype) * a_scale[:, None].to(x.dtype), b.to(x.dtype) * b_scale[:, None].to(x.dtype)
         y = y + F.linear(F.linear(x, b), a)
     return y
 
 
 @quant_linear.register_fake
 def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, a: Optional[torch.Tensor],
-      b: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int, group: int, in_features: int) -> torch.Tensor:
+      b: Optional[torch.Tensor], a_scale: Optional[torch.Tensor], b_scale: Optional[torch.Tensor],
+      bias: Optional[torch.Tensor], bits: int, group: int, in_features: int) -> torch.Tensor:
     torch._check(x.shape[-1] == in_features, lambda: f"quant_linear: x has {x.shape[-1]} features, expected {in_features}")
     torch._check(scales.shape[1] * group == in_features, lambda: "quant_linear: scales do not match the group size")
     return x.new_empty((*x.shape[:-1], packed.shape[0]))

@@ -55,9 +55,17 @@ class QuantCandidate:
 class QuantizedWeight:
     codes: torch.Tensor
     params: GroupParams
-    a: torch.Tensor | None
-    b: torch.Tensor | None
+    a: torch.Tensor | None  # [out, r], in the weight's dtype, or int8 with ``a_scale`` per row
+    b: torch.Tensor | None  # [r, in]
     rel_error: float
+    a_scale: torch.Tensor | None = None
+    b_scale: torch.Tensor | None = None
+
+
+def int8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (codes, scales) with matrix ≈ codes · scales[:, None]."""
+    scales = matrix.abs().amax(1).clamp_min(1e-12) / 127
+    return (matrix / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales
 
 
 @register
@@ -74,6 +82,7 @@ class QuantLowRank(Pass):
     symmetric: bool = False
     act_order: bool = False
     rounds: int = 3  # alternate: re-quantize / refit rounds
+    correction_int8: bool = False  # store A and B as int8 with per-row scales
     exclude: str = ""  # regex on weight names to leave in full precision
     plan: Optional[dict] = None  # weight origin -> (bits, group, rank), from the planner
 
@@ -149,11 +158,19 @@ class QuantLowRank(Pass):
                     codes, params = self._quantize(w - a @ b, stats, bits, group)
             factors = self._correction_factors(w - self._dequant(codes, params, group), stats, self.correction)
             a, b = factors.truncate(rank, torch.float64)
-        approx = self._dequant(codes, params, group) + (a @ b if a is not None else 0)
-        error = output_error(w - approx, w, stats)
-        as_dtype = (lambda t: t.to(weight.dtype).contiguous()) if a is not None else (lambda t: t)
-        return QuantizedWeight(codes, GroupParams(params.scales.to(weight.dtype), params.zeros.to(weight.dtype)),
-                               as_dtype(a) if a is not None else None, as_dtype(b) if b is not None else None, error)
+        stored = GroupParams(params.scales.to(weight.dtype), params.zeros.to(weight.dtype))
+        if a is None:
+            approx = self._dequant(codes, stored, group)
+            return QuantizedWeight(codes, stored, None, None, output_error(w - approx, w, stats))
+        if self.correction_int8:
+            (a8, a_scale), (b8, b_scale) = int8_rows(a), int8_rows(b)
+            a_used, b_used = a8.double() * a_scale[:, None], b8.double() * b_scale[:, None]
+            approx = self._dequant(codes, stored, group) + a_used @ b_used
+            return QuantizedWeight(codes, stored, a8, b8, output_error(w - approx, w, stats),
+                                   a_scale.to(weight.dtype), b_scale.to(weight.dtype))
+        a, b = a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
+        approx = self._dequant(codes, stored, group) + a.double() @ b.double()
+        return QuantizedWeight(codes, stored, a, b, output_error(w - approx, w, stats))
 
     def _quantize(self, w: torch.Tensor, stats: LayerStats | None, bits: int, group: int):
         if self.quantizer == "gptq":
@@ -183,17 +200,20 @@ class QuantLowRank(Pass):
                                         f"scales, group {group}", kept)
             zeros = program.add_weight(f"{origin}_zeros", result.params.zeros, origin, self.name,
                                        f"zero points, group {group}", kept)
-            a = b = None
+            a = b = a_scale = b_scale = None
             if result.a is not None:
                 a = program.add_weight(f"{origin}_A", result.a, origin, self.name, f"correction A, rank {rank}", kept)
                 b = program.add_weight(f"{origin}_B", result.b, origin, self.name, f"correction B, rank {rank}", kept)
+            if result.a_scale is not None:
+                a_scale = program.add_weight(f"{origin}_A_scale", result.a_scale, origin, self.name, "int8 scales", kept)
+                b_scale = program.add_weight(f"{origin}_B_scale", result.b_scale, origin, self.name, "int8 scales", kept)
         note = {"bits": bits, "group": group, "rank": rank if a is not None else 0,
                 "pred_err": round(result.rel_error, 4)}
 
         def build(use: fx.Node) -> fx.Node:
             bias = use.args[2] if len(use.args) > 2 else None
-            return program.graph.call_function(QUANT_LINEAR, (use.args[0], packed, scales, zeros, a, b, bias, bits,
-                                                              group, in_f))
+            return program.graph.call_function(QUANT_LINEAR, (use.args[0], packed, scales, zeros, a, b, a_scale,
+                                                              b_scale, bias, bits, group, in_f))
 
         replace_each(program, uses, build, note)
 

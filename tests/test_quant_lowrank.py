@@ -135,3 +135,28 @@ def test_an_int8_correction_takes_a_quarter_of_the_bytes_and_keeps_most_of_its_e
     fp32, int8 = results["fp32"].weight_bytes_after - plain, results["int8"].weight_bytes_after - plain
     assert int8 < 0.3 * fp32  # one byte per element, plus one scale per row
     assert results["int8"].final_rel_error < 1.2 * results["fp32"].final_rel_error < results["none"].final_rel_error
+
+
+@pytest.mark.slow
+def test_corrections_and_gptq_lower_the_task_loss_of_a_byte_lm():
+    """Bits per byte of a byte-level LM trained on the standard library's source, on held-out source: the task
+    metric that reacts to quantization the way an LLM's perplexity does (the digits models barely react)."""
+    from slimfx.lm import bits_per_byte, pretrained_lm
+
+    model, text = pretrained_lm()
+    test = text.windows("test", 64, 64, seed=1)
+    batches = [(text.windows("train", 16, 64, seed=1000 + i)[:, :-1],) for i in range(8)]
+    dense = bits_per_byte(model, test)
+
+    def loss(**options):
+        body = ",".join(f"{k}={v}" for k, v in {"group": 64, "exclude": "head", **options}.items())
+        result = slimfx.compress(model, (batches[0][0][:4],), pipeline=f"quant-lowrank{{{body}}}", calibration=batches)
+        return bits_per_byte(result, test)
+
+    for bits in (3, 4):
+        plain = loss(bits=bits, rank=0)
+        assert plain > dense
+        lqer, eora = loss(bits=bits, rank=16, correction="lqer"), loss(bits=bits, rank=16, correction="eora")
+        assert dense < eora < lqer < plain  # recorded, int3: 2.320 < 2.355 < 2.400 < 2.416
+        assert eora - dense < 0.7 * (plain - dense)  # eora recovers much of what quantization lost
+        assert loss(bits=bits, rank=0, quantizer="gptq") < plain

@@ -160,3 +160,34 @@ def test_corrections_and_gptq_lower_the_task_loss_of_a_byte_lm():
         assert dense < eora < lqer < plain  # recorded, int3: 2.320 < 2.355 < 2.400 < 2.416
         assert eora - dense < 0.7 * (plain - dense)  # eora recovers much of what quantization lost
         assert loss(bits=bits, rank=0, quantizer="gptq") < plain
+
+
+def test_act_order_plans_the_backend_and_save_load(digits_mlp, tmp_path):
+    from slimfx.passes.quant_lowrank import QuantLowRank
+
+    model, data = digits_mlp
+    x, batches = data.test_x[:16], calibration(data, 2)
+    rtn = slimfx.compress(model, (x,), calibration=batches, pipeline="quant-lowrank{bits=3,group=32,rank=0}")
+    act = slimfx.compress(model, (x,), calibration=batches,
+                          pipeline="quant-lowrank{bits=3,group=32,rank=0,quantizer=gptq,act_order=true}")
+    assert act.report.final_rel_error < rtn.report.final_rel_error
+
+    planned = slimfx.compress(model, (x,), calibration=batches, pipeline=QuantLowRank(
+        plan={"fc1.weight": (8, 64, 0), "fc2.weight": (2, 32, 8), "fc3.weight": (4, 32, 4)}, correction="eora"))
+    chosen = {n.meta["slimfx"]["bits"]: (n.meta["slimfx"]["group"], n.meta["slimfx"]["rank"])
+              for n in planned.program.graph.nodes if n.target == QUANT_LINEAR}
+    assert chosen == {8: (64, 0), 2: (32, 8), 4: (32, 4)}
+
+    slimfx.save(planned, tmp_path / "q")
+    assert torch.equal(slimfx.load(tmp_path / "q")(data.test_x[:5]), planned(data.test_x[:5]))
+
+    torch._dynamo.reset()
+    report = slimfx.Report("")
+    compiled = torch.compile(model, backend="slimfx", options={
+        "pipeline": "quant-lowrank{bits=4,group=32,rank=8,correction=eora}", "report": report, "inductor": False,
+        "calibration": slimfx.collect_stats(model, batches)})
+    with torch.no_grad():
+        out, ref = compiled(x), model(x)
+    assert sum(r.rewrites.get("quantized", 0) for r in report.passes) == 3
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    torch._dynamo.reset()

@@ -172,10 +172,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_passes(args: argparse.Namespace) -> int:
     from .passes import PASSES, describe_options
 
+    width = max(map(len, PASSES)) + 1
     for name in sorted(PASSES):
         cls = PASSES[name]
-        print(f"{name:<12} {cls.summary}{'  [exact]' if cls.exact else ''}")
-        print(f"{'':<12} options: {describe_options(cls)}")
+        print(f"{name:<{width}} {cls.summary}{'  [exact]' if cls.exact else ''}")
+        print(f"{'':<{width}} options: {describe_options(cls)}")
     return 0
 
 

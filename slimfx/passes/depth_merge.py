@@ -1,0 +1,150 @@
+"""``depth-merge``: merge two consecutive layers with nothing nonlinear between them into one. Exact.
+
+- linear → linear: W = W₂W₁, b = W₂b₁ + b₂;
+- conv → conv: the composite kernel is the full convolution of the two (k₁ + k₂ − 1 wide), b = ΣW₂·b₁ + b₂.
+  Exact when the first conv has stride 1 and dilation 1, the second has dilation 1 and no padding (a padded border
+  of the intermediate is zero, which no conv of the input reproduces), both are ungrouped, and, if the first
+  has a bias, the second has no padding either. A 1×1 conv before or after a k×k conv is the common case.
+
+A chain is merged only when the merged layer is smaller in multiply-adds (64→16→64 through a 1×1 bottleneck is
+not: merging would raise FLOPs). Every chain considered is reported with what was done, or why not.
+Activation removal (the two-stage DP of Kim et al., 2023) is not part of this pass yet.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..hw_profiles.op_costs import concrete, size_hints
+from ..ir.program import CONV2D, LINEAR, Program
+from .base import Pass, PassContext, register
+
+
+def _single_weight_use(program: Program, layer: fx.Node) -> bool:
+    info = program.weights.get(layer.args[1].target) if program.is_weight(layer.args[1]) else None
+    return info is not None and len(layer.args[1].users) == 1
+
+
+def _bias(program: Program, layer: fx.Node, index: int) -> torch.Tensor | None | bool:
+    """The layer's bias as a tensor, None if it has none, False if it is not a constant weight."""
+    node = layer.args[index] if len(layer.args) > index else None
+    if node is None:
+        return None
+    return program.tensor(node).detach().double() if program.is_weight(node) else False
+
+
+def _chain(program: Program, second: fx.Node) -> fx.Node | str | None:
+    """The first layer of a mergeable chain ending at ``second``; a reason if it is a chain that cannot merge."""
+    first = second.args[0]
+    if not isinstance(first, fx.Node) or first.op != "call_function" or first.target != second.target:
+        return None
+    if len(first.users) != 1:
+        return "the intermediate is used elsewhere"
+    if not (_single_weight_use(program, first) and _single_weight_use(program, second)):
+        return "a weight is shared or not constant"
+    return first
+
+
+def merge_linear(program: Program, second: fx.Node) -> fx.Node | str | None:
+    first = _chain(program, second)
+    if not isinstance(first, fx.Node):
+        return first
+    w1, w2 = program.tensor(first.args[1]).detach().double(), program.tensor(second.args[1]).detach().double()
+    b1, b2 = _bias(program, first, 2), _bias(program, second, 2)
+    if b1 is False or b2 is False:
+        return "a bias is not a constant weight"
+    (mid, k), n = w1.shape, w2.shape[0]
+    if n * k >= mid * (n + k):
+        return f"merging {k}->{mid}->{n} would not reduce multiply-adds ({n * k} vs {mid * (n + k)} per row)"
+    weight = w2 @ w1
+    bias = (w2 @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
+    return _replace(program, first, second, weight, bias if (b1 is not None or b2 is not None) else None,
+                    lambda w, b: (first.args[0], w, b))
+
+
+def merge_conv(program: Program, second: fx.Node) -> fx.Node | str | None:
+    first = _chain(program, second)
+    if not isinstance(first, fx.Node):
+        return first
+    _, _, _, stride1, pad1, dil1, groups1 = first.args
+    _, _, _, stride2, pad2, dil2, groups2 = second.args
+    if groups1 != 1 or groups2 != 1:
+        return "grouped convs do not merge into one dense conv exactly"
+    if list(stride1) != [1, 1] or list(dil1) != [1, 1] or list(dil2) != [1, 1]:
+        return "the first conv is strided or either is dilated"
+    if any(pad2):
+        return "the second conv pads the intermediate with zeros, which is not zero-equivalent after merging"
+    w1, w2 = program.tensor(first.args[1]).detach().double(), program.tensor(second.args[1]).detach().double()
+    b1, b2 = _bias(program, first, 2), _bias(program, second, 2)
+    if b1 is False or b2 is False:
+        return "a bias is not a constant weight"
+    (mid, cin, k1h, k1w), (cout, _, k2h, k2w) = w1.shape, w2.shape
+    kh, kw = k1h + k2h - 1, k1w + k2w - 1
+    s = stride2[0] * stride2[1]
+    separate = mid * cin * k1h * k1w * s + cout * mid * k2h * k2w  # per output position of the second conv
+    if cout * cin * kh * kw >= separate:
+        return (f"merging would not reduce multiply-adds ({cout * cin * kh * kw} vs {separate} per output "
+                f"position: {cin}->{mid}->{cout}, kernels {k1h}x{k1w} then {k2h}x{k2w})")
+    # full convolution of the kernels: treat w1 as a batch of cin images with mid channels
+    composite = F.conv2d(w1.permute(1, 0, 2, 3), w2.flip(2, 3), padding=(k2h - 1, k2w - 1)).permute(1, 0, 2, 3)
+    bias = None
+    if b1 is not None or b2 is not None:
+        bias = (w2.sum((2, 3)) @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
+    return _replace(program, first, second, composite, bias,
+                    lambda w, b: (first.args[0], w, b, list(stride2), list(pad1), [1, 1], 1))
+
+
+def _replace(program: Program, first: fx.Node, second: fx.Node, weight: torch.Tensor, bias, build) -> fx.Node:
+    like = program.tensor(second.args[1])
+    origin = program.weights[second.args[1].target].origin
+    first_origin = program.weights[first.args[1].target].origin
+    note = f"merged with {first_origin}"
+    w = program.add_weight(f"{origin}_merged", weight.to(like.dtype), origin, "depth-merge", note)
+    b = None
+    if bias is not None:
+        b = program.add_weight(f"{origin}_merged_bias", torch.as_tensor(bias).to(like.dtype), origin, "depth-merge",
+                               note)
+    return program.graph.call_function(second.target, build(w, b))
+
+
+MERGES = {LINEAR: merge_linear, CONV2D: merge_conv}
+
+
+@register
+@dataclass
+class DepthMerge(Pass):
+    name = "depth-merge"
+    summary = "merge consecutive linear or conv layers with nothing nonlinear between them (exact merges only)"
+    exact = True
+
+    def run(self, program: Program, ctx: PassContext) -> Counter:
+        counts: Counter = Counter()
+        changed = True
+        while changed:  # a merged layer may merge again with the next one
+            changed = False
+            for node in list(program.graph.nodes):
+                if node.graph is not program.graph or node.op != "call_function" or node.target not in MERGES:
+                    continue
+                with program.graph.inserting_before(node):
+                    outcome = MERGES[node.target](program, node)
+                if outcome is None:
+                    continue
+                origin = program.weights[node.args[1].target].origin if program.is_weight(node.args[1]) else node.name
+                if isinstance(outcome, str):
+                    counts["refused"] += 1
+                    ctx.skip(self.name, origin, outcome)
+                    continue
+                first = node.args[0]
+                node.replace_all_uses_with(outcome)
+                program.graph.erase_node(node)
+                program.graph.erase_node(first)
+                counts["linear" if node.target == LINEAR else "conv"] += 1
+                ctx.note(f"depth-merge: {program.weights[outcome.args[1].target].note} into {origin}")
+                changed = True
+        program.graph.eliminate_dead_code()
+        program.drop_unused_weights()
+        return counts

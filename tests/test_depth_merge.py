@@ -1,0 +1,82 @@
+"""depth-merge: exact merges of consecutive linear and conv layers, property-tested, and refused with a reason."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import slimfx
+from slimfx.ir.program import CONV2D, LINEAR
+
+
+def layers(program, target):
+    return sum(n.target == target for n in program.graph.nodes)
+
+
+@st.composite
+def conv_chains(draw):
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    cin, mid, cout = draw(st.integers(1, 6)), draw(st.integers(4, 24)), draw(st.integers(1, 6))
+    k1, k2 = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 2, 3]))
+    first = nn.Conv2d(cin, mid, k1, padding=draw(st.integers(0, k1 // 2)), bias=draw(st.booleans()))
+    second = nn.Conv2d(mid, cout, k2, stride=draw(st.sampled_from([1, 2])), bias=draw(st.booleans()))
+    size = draw(st.integers(k1 + k2 + 1, 12))
+    return nn.Sequential(first, second).eval(), torch.randn(2, cin, size, size)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_chains())
+def test_conv_chains_merge_exactly_when_they_shrink(case):
+    model, x = case
+    result = slimfx.compress(model, (x,), pipeline="depth-merge")
+    merged = result.report.rewrites("depth-merge").get("conv", 0)
+    assert layers(result.program, CONV2D) == 2 - merged
+    if not merged:
+        assert [s.reason for s in result.report.skipped if s.pass_name == "depth-merge"]  # a reason, always
+    assert result.report.final_rel_error < 1e-5
+    with torch.no_grad():  # other sizes too
+        other = torch.randn(3, *x.shape[1:2], x.shape[2] + 3, x.shape[3] + 1)
+        assert ((result(other) - model(other)).norm() / model(other).norm()).item() < 1e-5
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**16), st.lists(st.integers(1, 40), min_size=3, max_size=5), st.booleans())
+def test_linear_chains_merge_exactly_when_they_shrink(seed, widths, bias):
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[nn.Linear(a, b, bias=bias) for a, b in zip(widths, widths[1:])]).eval()
+    x = torch.randn(5, widths[0])
+    result = slimfx.compress(model, (x,), pipeline="depth-merge")
+    assert result.report.final_rel_error < 1e-5
+    assert result.report.flops_after <= result.report.flops_before
+    assert layers(result.program, LINEAR) == len(widths) - 1 - result.report.rewrites("depth-merge").get("linear", 0)
+
+
+def test_refusals_say_why():
+    torch.manual_seed(0)
+    cases = {
+        "not reduce multiply-adds": nn.Sequential(nn.Conv2d(64, 16, 1), nn.Conv2d(16, 64, 3)),  # a bottleneck
+        "pads the intermediate": nn.Sequential(nn.Conv2d(8, 32, 1), nn.Conv2d(32, 4, 3, padding=1)),
+        "grouped convs": nn.Sequential(nn.Conv2d(8, 32, 1), nn.Conv2d(32, 32, 3, groups=32)),
+        "strided or either is dilated": nn.Sequential(nn.Conv2d(8, 32, 3, stride=2), nn.Conv2d(32, 4, 1)),
+    }
+    for reason, model in cases.items():
+        x = torch.randn(2, model[0].in_channels, 12, 12)
+        result = slimfx.compress(model.eval(), (x,), pipeline="depth-merge")
+        assert result.report.rewrites("depth-merge") == {"refused": 1}
+        assert reason in result.report.skipped[0].reason
+    relu = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)).eval()  # a nonlinearity between
+    assert slimfx.compress(relu, (torch.randn(2, 16),), pipeline="depth-merge").report.rewrites("depth-merge") == {}
+
+
+def test_a_projection_after_a_conv_merges_in_a_trained_style_block():
+    """A 3×3 conv followed by a 1×1 projection with no activation between (as in a linear bottleneck), then BN:
+    fold-bn and depth-merge leave one conv."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.Conv2d(64, 24, 1, bias=False), nn.BatchNorm2d(24),
+                          nn.ReLU()).eval()
+    block[2].running_mean.uniform_(-1, 1)
+    block[2].running_var.uniform_(0.5, 2)
+    result = slimfx.compress(block, (torch.randn(2, 16, 8, 8),), pipeline="fold-bn,depth-merge")
+    assert layers(result.program, CONV2D) == 1
+    assert result.report.final_rel_error < 1e-5

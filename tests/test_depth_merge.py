@@ -17,9 +17,11 @@ def layers(program, target):
 @st.composite
 def conv_chains(draw):
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    cin, mid, cout = draw(st.integers(1, 6)), draw(st.integers(4, 24)), draw(st.integers(1, 6))
+    cin, cout = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    groups = draw(st.sampled_from([1, cin]))  # grouped or depthwise first convs merge into a dense one
+    mid = cin * draw(st.integers(1, 4)) if groups > 1 else draw(st.integers(4, 24))
     k1, k2 = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 2, 3]))
-    first = nn.Conv2d(cin, mid, k1, padding=draw(st.integers(0, k1 // 2)), bias=draw(st.booleans()))
+    first = nn.Conv2d(cin, mid, k1, padding=draw(st.integers(0, k1 // 2)), groups=groups, bias=draw(st.booleans()))
     second = nn.Conv2d(mid, cout, k2, stride=draw(st.sampled_from([1, 2])), bias=draw(st.booleans()))
     size = draw(st.integers(k1 + k2 + 1, 12))
     return nn.Sequential(first, second).eval(), torch.randn(2, cin, size, size)
@@ -55,9 +57,9 @@ def test_linear_chains_merge_exactly_when_they_shrink(seed, widths, bias):
 def test_refusals_say_why():
     torch.manual_seed(0)
     cases = {
-        "not reduce multiply-adds": nn.Sequential(nn.Conv2d(64, 16, 1), nn.Conv2d(16, 64, 3)),  # a bottleneck
+        "not reduce multiply-adds and size": nn.Sequential(nn.Conv2d(64, 16, 1), nn.Conv2d(16, 64, 3)),  # a bottleneck
         "pads the intermediate": nn.Sequential(nn.Conv2d(8, 32, 1), nn.Conv2d(32, 4, 3, padding=1)),
-        "grouped convs": nn.Sequential(nn.Conv2d(8, 32, 1), nn.Conv2d(32, 32, 3, groups=32)),
+        "the second conv is grouped": nn.Sequential(nn.Conv2d(8, 32, 1), nn.Conv2d(32, 32, 3, groups=32)),
         "strided or either is dilated": nn.Sequential(nn.Conv2d(8, 32, 3, stride=2), nn.Conv2d(32, 4, 1)),
     }
     for reason, model in cases.items():
@@ -80,3 +82,26 @@ def test_a_projection_after_a_conv_merges_in_a_trained_style_block():
     result = slimfx.compress(block, (torch.randn(2, 16, 8, 8),), pipeline="fold-bn,depth-merge")
     assert layers(result.program, CONV2D) == 1
     assert result.report.final_rel_error < 1e-5
+
+
+def test_a_residual_identity_folds_into_its_conv_and_a_depthwise_pair_merges_where_it_pays():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.tail = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1))
+
+        def forward(self, x):
+            return self.tail(torch.relu(self.conv(x) + x))
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    result = slimfx.compress(model, (torch.randn(2, 8, 6, 6),), pipeline="depth-merge")
+    assert result.report.rewrites("depth-merge") == {"residual": 1, "refused": 1}  # depthwise 8->8 then 8->4: no
+    assert not any(n.target == torch.ops.aten.add.Tensor for n in result.program.graph.nodes)
+    assert result.report.final_rel_error < 1e-5 and result.report.params_after == result.report.params_before
+
+    few_outputs = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 1, 1)).eval()  # depthwise, then 4->1
+    merged = slimfx.compress(few_outputs, (torch.randn(2, 4, 6, 6),), pipeline="depth-merge")
+    assert merged.report.rewrites("depth-merge") == {"conv": 1} and merged.report.final_rel_error < 1e-5
+    assert merged.report.params_after < merged.report.params_before

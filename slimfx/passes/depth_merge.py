@@ -72,22 +72,25 @@ def merge_conv(program: Program, second: fx.Node) -> fx.Node | str | None:
         return first
     _, _, _, stride1, pad1, dil1, groups1 = first.args
     _, _, _, stride2, pad2, dil2, groups2 = second.args
-    if groups1 != 1 or groups2 != 1:
-        return "grouped convs do not merge into one dense conv exactly"
+    if groups2 != 1:
+        return "the second conv is grouped: the merged conv would not be one grouped conv"
     if list(stride1) != [1, 1] or list(dil1) != [1, 1] or list(dil2) != [1, 1]:
         return "the first conv is strided or either is dilated"
     if any(pad2):
         return "the second conv pads the intermediate with zeros, which is not zero-equivalent after merging"
-    w1, w2 = program.tensor(first.args[1]).detach().double(), program.tensor(second.args[1]).detach().double()
+    w1 = _ungrouped(program.tensor(first.args[1]).detach().double(), groups1)  # a depthwise conv included
+    w2 = program.tensor(second.args[1]).detach().double()
     b1, b2 = _bias(program, first, 2), _bias(program, second, 2)
     if b1 is False or b2 is False:
         return "a bias is not a constant weight"
     (mid, cin, k1h, k1w), (cout, _, k2h, k2w) = w1.shape, w2.shape
     kh, kw = k1h + k2h - 1, k1w + k2w - 1
     s = stride2[0] * stride2[1]
-    separate = mid * cin * k1h * k1w * s + cout * mid * k2h * k2w  # per output position of the second conv
-    if cout * cin * kh * kw >= separate:
-        return (f"merging would not reduce multiply-adds ({cout * cin * kh * kw} vs {separate} per output "
+    first_params = mid * (cin // groups1) * k1h * k1w  # what the first conv really costs (depthwise: cin/groups)
+    separate = first_params * s + cout * mid * k2h * k2w  # multiply-adds per output position of the second conv
+    merged = cout * cin * kh * kw
+    if merged >= separate or merged > first_params + cout * mid * k2h * k2w:
+        return (f"merging would not reduce multiply-adds and size ({merged} vs {separate} per output "
                 f"position: {cin}->{mid}->{cout}, kernels {k1h}x{k1w} then {k2h}x{k2w})")
     # full convolution of the kernels: treat w1 as a batch of cin images with mid channels
     composite = F.conv2d(w1.permute(1, 0, 2, 3), w2.flip(2, 3), padding=(k2h - 1, k2w - 1)).permute(1, 0, 2, 3)
@@ -96,6 +99,45 @@ def merge_conv(program: Program, second: fx.Node) -> fx.Node | str | None:
         bias = (w2.sum((2, 3)) @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
     return _replace(program, first, second, composite, bias,
                     lambda w, b: (first.args[0], w, b, list(stride2), list(pad1), [1, 1], 1))
+
+
+def _ungrouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight [out, in/groups, kh, kw] as the dense [out, in, kh, kw] it equals (block-diagonal)."""
+    if groups == 1:
+        return weight
+    out_c, in_per, kh, kw = weight.shape
+    dense = weight.new_zeros(out_c, in_per * groups, kh, kw)
+    out_per = out_c // groups
+    for g in range(groups):
+        dense[g * out_per : (g + 1) * out_per, g * in_per : (g + 1) * in_per] = weight[g * out_per : (g + 1) * out_per]
+    return dense
+
+
+def fold_residual(program: Program, add: fx.Node) -> fx.Node | str | None:
+    """conv(x) + x -> conv'(x) with W' = W + a centred identity kernel: one op fewer, the same multiply-adds."""
+    if len(add.args) != 2 or add.kwargs:
+        return None
+    for conv, skip in (add.args, add.args[::-1]):
+        if isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target == CONV2D and conv.args[0] is skip:
+            break
+    else:
+        return None
+    _, _, _, stride, padding, dilation, groups = conv.args
+    weight = program.tensor(conv.args[1]) if program.is_weight(conv.args[1]) else None
+    if weight is None or len(conv.users) != 1 or len(conv.args[1].users) != 1:
+        return "the conv's output or weight is used elsewhere"
+    cout, cin_per, kh, kw = weight.shape
+    if groups != 1 or cout != cin_per or list(stride) != [1, 1] or list(dilation) != [1, 1] \
+            or kh % 2 == 0 or kw % 2 == 0 or list(padding) != [kh // 2, kw // 2]:
+        return "the residual's shape differs from the conv's output, or the conv is strided, dilated or grouped"
+    identity = torch.zeros_like(weight)
+    identity[torch.arange(cout), torch.arange(cout), kh // 2, kw // 2] = 1
+    origin = program.weights[conv.args[1].target].origin
+    new_weight = program.add_weight(f"{origin}_residual", weight + identity, origin, "depth-merge",
+                                    "residual identity folded in (centred delta kernel)")
+    args = list(conv.args)
+    args[1] = new_weight
+    return program.graph.call_function(CONV2D, tuple(args))
 
 
 def _replace(program: Program, first: fx.Node, second: fx.Node, weight: torch.Tensor, bias, build) -> fx.Node:
@@ -111,7 +153,7 @@ def _replace(program: Program, first: fx.Node, second: fx.Node, weight: torch.Te
     return program.graph.call_function(second.target, build(w, b))
 
 
-MERGES = {LINEAR: merge_linear, CONV2D: merge_conv}
+MERGES = {LINEAR: merge_linear, CONV2D: merge_conv, torch.ops.aten.add.Tensor: fold_residual}
 
 
 @register
@@ -123,6 +165,7 @@ class DepthMerge(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> Counter:
         counts: Counter = Counter()
+        refused: dict[str, str] = {}  # layer -> why, as of the last sweep
         changed = True
         while changed:  # a merged layer may merge again with the next one
             changed = False
@@ -133,18 +176,25 @@ class DepthMerge(Pass):
                     outcome = MERGES[node.target](program, node)
                 if outcome is None:
                     continue
-                origin = program.weights[node.args[1].target].origin if program.is_weight(node.args[1]) else node.name
+                weight = node.args[1] if node.target != torch.ops.aten.add.Tensor else None
+                origin = program.weights[weight.target].origin if program.is_weight(weight) else node.name
                 if isinstance(outcome, str):
-                    counts["refused"] += 1
-                    ctx.skip(self.name, origin, outcome)
+                    refused[origin] = outcome
                     continue
-                first = node.args[0]
+                refused.pop(origin, None)
+                replaced = node.args[0] if node.target != torch.ops.aten.add.Tensor else \
+                    next(a for a in node.args if isinstance(a, fx.Node) and a.target == CONV2D and a.args[0] in node.args)
                 node.replace_all_uses_with(outcome)
                 program.graph.erase_node(node)
-                program.graph.erase_node(first)
-                counts["linear" if node.target == LINEAR else "conv"] += 1
-                ctx.note(f"depth-merge: {program.weights[outcome.args[1].target].note} into {origin}")
+                program.graph.erase_node(replaced)
+                kind = {LINEAR: "linear", CONV2D: "conv"}.get(node.target, "residual")
+                counts[kind] += 1
+                info = program.weights[outcome.args[1].target]
+                ctx.note(f"depth-merge: {info.origin}: {info.note}")
                 changed = True
+        for origin, reason in refused.items():
+            counts["refused"] += 1
+            ctx.skip(self.name, origin, reason)
         program.graph.eliminate_dead_code()
         program.drop_unused_weights()
         return counts

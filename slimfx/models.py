@@ -60,6 +60,26 @@ class DigitsCNN(nn.Module):
         return self.fc2(x)
 
 
+class DigitsProjCNN(nn.Module):
+    """Layers that merge exactly, as in real nets: a 3×3 conv followed by a 1×1 projection with no activation
+    between them (a linear bottleneck), and two head linears with no activation between them."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.proj = nn.Conv2d(2 * width, width, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc1 = nn.Linear(width * 16, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.proj(self.conv2(x)))), 2)
+        return self.fc2(self.fc1(x.flatten(1)))
+
+
 class DigitsMLP(nn.Module):
     def __init__(self, hidden: int = 256):
         super().__init__()
@@ -114,6 +134,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "digits-cnn": DigitsCNN,
     "digits-mlp": DigitsMLP,
     "digits-transformer": DigitsTransformer,
+    "digits-proj-cnn": DigitsProjCNN,
 }
 
 # What `slimfx demo` runs on each: input and output layers stay dense (they are small and most sensitive).

@@ -105,3 +105,17 @@ def test_a_residual_identity_folds_into_its_conv_and_a_depthwise_pair_merges_whe
     merged = slimfx.compress(few_outputs, (torch.randn(2, 4, 6, 6),), pipeline="depth-merge")
     assert merged.report.rewrites("depth-merge") == {"conv": 1} and merged.report.final_rel_error < 1e-5
     assert merged.report.params_after < merged.report.params_before
+
+
+def test_fold_bn_and_depth_merge_remove_layers_of_a_trained_cnn_exactly():
+    from slimfx.models import evaluate, pretrained
+
+    model, data = pretrained("digits-proj-cnn")
+    result = slimfx.compress(model, (data.test_x[:32],), pipeline="fold-bn,depth-merge")
+    assert result.report.rewrites("fold-bn") == {"conv-bn": 2}
+    assert result.report.rewrites("depth-merge") == {"conv": 1, "linear": 1}  # conv2+proj, fc1+fc2
+    assert layers(result.program, CONV2D) == 2 and layers(result.program, LINEAR) == 1
+    assert result.report.flops_after < 0.6 * result.report.flops_before
+    accuracy, loss = evaluate(model, data.test_x, data.test_y)
+    merged_accuracy, merged_loss = evaluate(result, data.test_x, data.test_y)
+    assert accuracy > 0.95 and merged_accuracy == accuracy and abs(merged_loss - loss) < 1e-4

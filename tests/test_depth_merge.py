@@ -119,3 +119,15 @@ def test_fold_bn_and_depth_merge_remove_layers_of_a_trained_cnn_exactly():
     accuracy, loss = evaluate(model, data.test_x, data.test_y)
     merged_accuracy, merged_loss = evaluate(result, data.test_x, data.test_y)
     assert accuracy > 0.95 and merged_accuracy == accuracy and abs(merged_loss - loss) < 1e-4
+
+
+def test_merges_are_priced_on_the_profile_when_one_is_given():
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64)).eval()  # fewer multiply-adds merged (4096 < 6144)
+    x = torch.randn(256, 64)
+    assert slimfx.compress(chain, (x,), pipeline="depth-merge").report.rewrites("depth-merge") == {"linear": 1}
+    on_cpu = slimfx.compress(chain, (x,), pipeline="depth-merge", profile="cpu-generic").report
+    assert on_cpu.rewrites("depth-merge") == {"linear": 1}
+    assert on_cpu.latency_after_s < on_cpu.latency_before_s
+    on_h100 = slimfx.compress(chain, (x[:1],), pipeline="depth-merge", profile="h100", dynamic=False).report
+    assert on_h100.rewrites("depth-merge") == {"linear": 1} and on_h100.latency_after_s < on_h100.latency_before_s

@@ -19,7 +19,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..hw_profiles.op_costs import concrete, size_hints
+from ..hw_profiles.cost_model import conv2d, dense_linear, latency
+from ..hw_profiles.op_costs import concrete, dtype_name, node_kernels, numel, shape, size_hints
+from ..ir.fake_prop import refresh_metadata
 from ..ir.program import CONV2D, LINEAR, Program
 from .base import Pass, PassContext, register
 
@@ -49,7 +51,20 @@ def _chain(program: Program, second: fx.Node) -> fx.Node | str | None:
     return first
 
 
-def merge_linear(program: Program, second: fx.Node) -> fx.Node | str | None:
+def _slower_on(profile, first: fx.Node, second: fx.Node, merged: list) -> str | None:
+    """With a profile, the merge must also be predicted faster there (a merge can raise FLOPs on a target whose
+    small layers are launch- or memory-bound the other way round)."""
+    if profile is None:
+        return None
+    hints = size_hints(first.graph)
+    separate = concrete(latency(node_kernels(first) + node_kernels(second), profile), hints)
+    together = concrete(latency(merged, profile), hints)
+    if together >= separate:
+        return f"predicted slower on {profile.name} ({together * 1e6:.1f} us vs {separate * 1e6:.1f} us)"
+    return None
+
+
+def merge_linear(program: Program, second: fx.Node, profile=None) -> fx.Node | str | None:
     first = _chain(program, second)
     if not isinstance(first, fx.Node):
         return first
@@ -60,13 +75,18 @@ def merge_linear(program: Program, second: fx.Node) -> fx.Node | str | None:
     (mid, k), n = w1.shape, w2.shape[0]
     if n * k >= mid * (n + k):
         return f"merging {k}->{mid}->{n} would not reduce multiply-adds ({n * k} vs {mid * (n + k)} per row)"
+    x = first.args[0]
+    slower = profile is not None and _slower_on(profile, first, second, dense_linear(
+        numel(shape(x)[:-1]), n, k, x.meta["val"].element_size(), dtype_name(x)))
+    if slower:
+        return slower
     weight = w2 @ w1
     bias = (w2 @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
     return _replace(program, first, second, weight, bias if (b1 is not None or b2 is not None) else None,
                     lambda w, b: (first.args[0], w, b))
 
 
-def merge_conv(program: Program, second: fx.Node) -> fx.Node | str | None:
+def merge_conv(program: Program, second: fx.Node, profile=None) -> fx.Node | str | None:
     first = _chain(program, second)
     if not isinstance(first, fx.Node):
         return first
@@ -92,6 +112,14 @@ def merge_conv(program: Program, second: fx.Node) -> fx.Node | str | None:
     if merged >= separate or merged > first_params + cout * mid * k2h * k2w:
         return (f"merging would not reduce multiply-adds and size ({merged} vs {separate} per output "
                 f"position: {cin}->{mid}->{cout}, kernels {k1h}x{k1w} then {k2h}x{k2w})")
+    if profile is not None:
+        x = first.args[0]
+        batch, _, h_in, w_in = shape(x)
+        _, _, h_out, w_out = shape(second)
+        slower = _slower_on(profile, first, second, conv2d(batch, cin, cout, h_out, w_out, kh, kw, h_in, w_in, 1,
+                                                           x.meta["val"].element_size(), dtype_name(x)))
+        if slower:
+            return slower
     # full convolution of the kernels: treat w1 as a batch of cin images with mid channels
     composite = F.conv2d(w1.permute(1, 0, 2, 3), w2.flip(2, 3), padding=(k2h - 1, k2w - 1)).permute(1, 0, 2, 3)
     bias = None
@@ -113,7 +141,7 @@ def _ungrouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return dense
 
 
-def fold_residual(program: Program, add: fx.Node) -> fx.Node | str | None:
+def fold_residual(program: Program, add: fx.Node, profile=None) -> fx.Node | str | None:
     """conv(x) + x -> conv'(x) with W' = W + a centred identity kernel: one op fewer, the same multiply-adds."""
     if len(add.args) != 2 or add.kwargs:
         return None
@@ -173,7 +201,7 @@ class DepthMerge(Pass):
                 if node.graph is not program.graph or node.op != "call_function" or node.target not in MERGES:
                     continue
                 with program.graph.inserting_before(node):
-                    outcome = MERGES[node.target](program, node)
+                    outcome = MERGES[node.target](program, node, ctx.profile)
                 if outcome is None:
                     continue
                 weight = node.args[1] if node.target != torch.ops.aten.add.Tensor else None
@@ -192,6 +220,10 @@ class DepthMerge(Pass):
                 info = program.weights[outcome.args[1].target]
                 ctx.note(f"depth-merge: {info.origin}: {info.note}")
                 changed = True
+                break  # the merged layer has no shapes yet: re-derive them, then sweep again
+            if changed:
+                program.gm.recompile()
+                refresh_metadata(program)
         for origin, reason in refused.items():
             counts["refused"] += 1
             ctx.skip(self.name, origin, reason)

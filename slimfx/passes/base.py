@@ -78,6 +78,19 @@ def replace_each(program: Program, uses: list, build: Any, note: dict) -> None:
         program.graph.erase_node(use)
 
 
+def claim_uses(pass_name: str, program: Program, layer: Any, kinds: tuple[str, ...], ctx: "PassContext",
+               counts: Counter) -> list | None:
+    """Every layer reading this layer's weight, if the pass may rewrite it; otherwise the skip is recorded (count
+    and reason) and None is returned."""
+    uses = layer_uses(program, layer)
+    why = "the weight is also read by another kind of op (tied)" if uses is None else refusal(program, layer, kinds)
+    if why is None:
+        return uses
+    counts["skipped-shared-weight" if uses is None else "skipped-constrained"] += 1
+    ctx.skip(pass_name, program.weights[layer.args[1].target].origin, why)
+    return None
+
+
 def refusal(program: Program, layer: Any, kinds: tuple[str, ...]) -> str | None:
     """Why a lossy pass must not touch this layer's weight, or None: it is not a trained weight, or an earlier
     pass gave it a property (``kinds`` of constraints) this pass would destroy."""

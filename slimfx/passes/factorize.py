@@ -24,7 +24,7 @@ from ..ir.op_table import DENSE_LAYERS
 from ..ir.ops import LOWRANK_LINEAR
 from ..ir.program import CONV2D, LINEAR, Constraint, Program
 from ..progress import progress
-from .base import Pass, PassContext, first_use_of_each_weight, layer_uses, refusal, register, replace_each
+from .base import Pass, PassContext, claim_uses, first_use_of_each_weight, register, replace_each
 from .calibration import require_stats
 from .lowrank import LowRankFactors, factorize_matrix, spatial_factors
 
@@ -101,17 +101,13 @@ class Factorize(Pass):
                 continue
             if program.weights[target].derived_by == self.name:
                 continue  # already one half of a factorized pair
-            uses = layer_uses(program, node)
-            why = refusal(program, node, ("nm-mask", "quantized"))
+            uses = claim_uses(self.name, program, node, ("nm-mask", "quantized"), ctx, counts)
             if uses is None:
-                outcome = "skipped-shared-weight"
-            elif why is not None:
-                outcome, reason = "skipped-constrained", why
-            else:
-                outcome = self._rewrite(program, uses, origin, stats, multiple, hints, ctx)
+                continue
+            outcome = self._rewrite(program, uses, origin, stats, multiple, hints, ctx)
             counts[outcome] += 1
             if outcome.startswith("skipped"):
-                ctx.skip(self.name, origin, why if outcome == "skipped-constrained" else outcome.removeprefix("skipped-"))
+                ctx.skip(self.name, origin, outcome.removeprefix("skipped-"))
         if self.rank is not None and not any(k in counts for k in ("linear", "conv-channel", "conv-spatial")) \
                 and counts.get("skipped-rank-too-large"):
             raise PipelineError(f"factorize: rank={self.rank} is >= min(out, in) of every layer, so nothing can "

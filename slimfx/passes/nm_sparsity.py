@@ -22,7 +22,7 @@ from ..ir.ops import NM_LINEAR
 from ..ir.program import LINEAR, Constraint, Program
 from ..ir.sparse_format import compress
 from ..progress import progress
-from .base import Pass, PassContext, first_use_of_each_weight, layer_uses, refusal, register, replace_each
+from .base import Pass, PassContext, claim_uses, first_use_of_each_weight, register, replace_each
 from .calibration import LayerStats, require_stats
 from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
 from .nm_permute import kept_saliency, producer_of, search_permutation
@@ -72,14 +72,9 @@ class NMSparsity(Pass):
             origin = program.weights[node.args[1].target].origin
             if (self.exclude and re.search(self.exclude, origin)) or (self.only and not re.search(self.only, origin)):
                 continue
-            uses = layer_uses(program, node)
-            why = "the weight is also read by another kind of op (tied)" if uses is None else \
-                refusal(program, node, ("nm-mask", "quantized", "factorized"))
-            if why is not None:
-                counts["skipped-shared-weight" if uses is None else "skipped-constrained"] += 1
-                ctx.skip(self.name, origin, why)
-                continue
-            chosen.append((uses, origin))
+            uses = claim_uses(self.name, program, node, ("nm-mask", "quantized", "factorized"), ctx, counts)
+            if uses is not None:
+                chosen.append((uses, origin))
         single = [(uses[0], origin) for uses, origin in chosen if len(uses) == 1]  # a shared input cannot be permuted
         permuted_stats = self._permute_inputs(program, single, stats, counts, ctx) if self.permute else {}
         for uses, origin in progress(chosen, "nm layers"):

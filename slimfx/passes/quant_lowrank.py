@@ -30,7 +30,7 @@ from ..ir.ops import QUANT_LINEAR
 from ..ir.program import LINEAR, Constraint, Program
 from ..ir.quant_format import BITS, GroupParams, dequantize, pack
 from ..progress import progress
-from .base import Pass, PassContext, first_use_of_each_weight, layer_uses, refusal, register, replace_each
+from .base import Pass, PassContext, claim_uses, first_use_of_each_weight, register, replace_each
 from .calibration import LayerStats, require_stats
 from .lowrank import LowRankFactors, factorize_matrix
 from .quantizers import gptq, rtn
@@ -110,12 +110,8 @@ class QuantLowRank(Pass):
             origin = program.weights[node.args[1].target].origin
             if self.exclude and re.search(self.exclude, origin):
                 continue
-            uses = layer_uses(program, node)
-            why = "the weight is also read by another kind of op (tied)" if uses is None else \
-                refusal(program, node, ("nm-mask", "quantized", "factorized"))
-            if why is not None:
-                counts["skipped-shared-weight" if uses is None else "skipped-constrained"] += 1
-                ctx.skip(self.name, origin, why)
+            uses = claim_uses(self.name, program, node, ("nm-mask", "quantized", "factorized"), ctx, counts)
+            if uses is None:
                 continue
             weight = program.tensor(node.args[1])
             bits, group, rank = self._choice(origin, weight.shape)

@@ -207,6 +207,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models import ZOO
+
     parser = argparse.ArgumentParser(
         prog="slimfx", description="Compress PyTorch models with torch.fx passes checked against a hardware cost model."
     )
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-shape", default=None, help="example input shape for a factory model, e.g. 1,3,224,224")
 
     p = sub.add_parser("compress", help="compress a model and print the report")
-    p.add_argument("model", help="built-in model (digits-cnn, digits-mlp, digits-transformer) or package.module:factory")
+    p.add_argument("model", help=f"built-in model ({', '.join(ZOO)}) or package.module:factory")
     model_args(p, DEMO_PIPELINE)
     p.add_argument("--out", help="save the compressed model to this directory (slimfx.load reads it)")
     p.add_argument("--report-json", help="write the report as JSON here")
@@ -231,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_explain)
 
     p = sub.add_parser("demo", help="train a small model on real data, compress it, and compare accuracy")
-    p.add_argument("--model", default="digits-cnn", help="built-in model to train (default: digits-cnn)")
+    p.add_argument("--model", default="digits-proj-cnn",
+                   help="built-in model to train (default: digits-proj-cnn; also digits-cnn, digits-mlp, digits-transformer)")
     p.add_argument("--pipeline", default=None, help="passes to run (default: a fold-bn + factorize pipeline per model)")
     p.add_argument("--profile", default="cpu-generic", help="hardware profile name or file (default: cpu-generic)")
     p.set_defaults(fn=cmd_demo)
@@ -254,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # `slimfx passes | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
     except SlimfxError as exc:
         print(f"slimfx: error: {exc}", file=sys.stderr)
         return 2

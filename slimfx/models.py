@@ -142,6 +142,7 @@ DEMO_PIPELINES = {
     "digits-cnn": "fold-bn,factorize{keep=0.5,exclude=fc2|conv1},dead-code",
     "digits-mlp": "factorize{keep=0.3,exclude=fc3},dead-code",
     "digits-transformer": "factorize{keep=0.5,exclude=head|embed},dead-code",
+    "digits-proj-cnn": "fold-bn,depth-merge,factorize{keep=0.5,exclude=conv1|fc2},dead-code",
 }
 
 

@@ -132,11 +132,12 @@ def test_golden_print():
 
 
 def test_cli_demo_and_errors(capsys):
-    assert main(["demo", "--model", "digits-mlp"]) == 0
+    assert main(["demo"]) == 0  # the README's main job, as it runs by default
     out = capsys.readouterr().out
     assert "original    accuracy" in out and "compressed  accuracy" in out
     assert "under torch.compile, interleaved" in out and "15 rounds" in out  # median and spread of 15 rounds
     assert "vs measured" in out and "predicted" in out
+    assert "depth-merge  conv=1, linear=1" in out  # the exact merges of digits-proj-cnn
     assert main(["compress", "digits-mlp", "--pipeline", "nope"]) == 2
     assert "unknown pass 'nope'" in capsys.readouterr().err
     assert main(["passes"]) == 0

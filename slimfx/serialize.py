@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from .errors import ModelInputError, SlimfxError, one_line
+from .ir.capture import every_dim_may_vary
 from .ir.fake_prop import size_one_stays_dynamic
 from .ir.model_outputs import ensure_pytree_types, pytree_type_names
 from .passes.calibration import describe_inputs
@@ -78,20 +78,22 @@ def save(module: torch.nn.Module, path: str | os.PathLike) -> Path:
     gm = program.gm
     named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
     weights, aliases, seen = {}, {}, {}
-    for name, value in named:
-        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+    for name, value in named:  # a tensor registered twice (a tie) is stored once
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+               value.dtype)
         if key in seen:
             aliases[name] = seen[key]
         else:
             seen[key] = name
             weights[name] = value.detach()
-    example = (weights, tuple(program.example_args), dict(program.example_kwargs))
+    every_weight = {**weights, **{alias: weights[target] for alias, target in aliases.items()}}
+    args, kwargs = tuple(program.example_args), dict(program.example_kwargs)
     try:
         with size_one_stays_dynamic():
-            exported = torch.export.export(_WeightsAsInputs(gm), ({**weights, **{a: weights[t] for a, t in aliases.items()}},
-                                                                  example[1], example[2]),
-                                           dynamic_shapes=_dynamic_shapes(weights, aliases, example[1], example[2]),
-                                           strict=False)
+            exported = torch.export.export(
+                _WeightsAsInputs(gm), (every_weight, args, kwargs), strict=False,
+                dynamic_shapes=({name: None for name in every_weight}, every_dim_may_vary(args),
+                                every_dim_may_vary(kwargs)))
     except Exception as exc:  # noqa: BLE001
         raise SlimfxError(f"slimfx.save could not export the compressed graph: {one_line(exc)}") from exc
     out = Path(path)
@@ -135,12 +137,3 @@ def load(path: str | os.PathLike) -> LoadedProgram:
     program = torch.export.load(str(root / "program.pt2")).module()
     return LoadedProgram(program, {k: weights[k] for k in manifest["weights"]}, manifest["aliases"], manifest)
 
-
-def _dynamic_shapes(weights: dict, aliases: dict, args: tuple, kwargs: dict) -> tuple:
-    auto = torch.export.Dim.AUTO
-
-    def spec(value: Any) -> Any:
-        return pytree.tree_map(lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None,
-                               value)
-
-    return ({name: None for name in [*weights, *aliases]}, spec(args), spec(kwargs))

@@ -59,21 +59,22 @@ def check_model_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         ) from exc
 
 
+def every_dim_may_vary(value: Any) -> Any:
+    """An export ``dynamic_shapes`` entry for a pytree of inputs: every tensor dimension ``Dim.AUTO`` (export keeps
+    one static where the model requires it)."""
+    auto = torch.export.Dim.AUTO
+    return pytree.tree_map(lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None, value)
+
+
 def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Any:
-    """Every tensor dimension may vary (export keeps one static where the model requires it), keyed by argument."""
+    """``every_dim_may_vary`` for each argument of the model's forward, keyed by its name."""
     if not dynamic:
         return None
-    auto = torch.export.Dim.AUTO
-
-    def spec(value: Any) -> Any:
-        return pytree.tree_map(lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None,
-                               value)
-
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError:
-        return None if kwargs else spec(args)
-    return {name: spec(value) for name, value in bound.arguments.items()}
+        return None if kwargs else every_dim_may_vary(args)
+    return {name: every_dim_may_vary(value) for name, value in bound.arguments.items()}
 
 
 @contextlib.contextmanager
@@ -170,16 +171,17 @@ def capture(
 _SOURCE_KEY = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")
 
 
-def _weight_origin(node: fx.Node, value: Any, flat_to_fqn: dict) -> str | None:
-    """A placeholder is a weight if Dynamo sourced it from a module's parameters or buffers."""
+def _weight_origin(node: fx.Node, value: Any, flat_to_fqn: dict) -> tuple[str, str] | None:
+    """(origin, kind) if Dynamo sourced the placeholder from a module's parameters or buffers, else None."""
     grapharg = node.meta.get("grapharg")
     src = getattr(grapharg, "source", None)
     name = getattr(src, "name", "")
     source = name() if callable(name) else str(name or "")
+    kind = "parameter" if isinstance(value, torch.nn.Parameter) or "_parameters[" in source else "buffer"
     if "_parameters[" in source or "_buffers[" in source:
-        return ".".join(_SOURCE_KEY.findall(source)) or source
+        return ".".join(_SOURCE_KEY.findall(source)) or source, kind
     if isinstance(value, torch.nn.Parameter):
-        return flat_to_fqn.get(node.target, node.target)
+        return flat_to_fqn.get(node.target, node.target), kind
     return None
 
 
@@ -200,15 +202,15 @@ def from_dynamo(dynamo_gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Pro
         if "example_value" in node.meta:
             node.meta.setdefault("val", node.meta["example_value"])
     for node, value in zip(placeholders, example_inputs):
-        origin = _weight_origin(node, value, flat_to_fqn) if isinstance(value, torch.Tensor) else None
-        if origin is None or not node.users:
+        found = _weight_origin(node, value, flat_to_fqn) if isinstance(value, torch.Tensor) else None
+        if found is None or not node.users:
             continue
+        origin, kind = found
         name = "w_" + re.sub(r"[^0-9a-zA-Z_]", "_", origin)
         while hasattr(gm, name):
             name += "_"
         gm.register_buffer(name, value.detach())  # shares storage: nothing is copied or changed
-        program.weights[name] = WeightInfo(origin=origin, kind="parameter" if isinstance(value, torch.nn.Parameter)
-                                           or "_parameters[" in str(node.meta.get("grapharg", "")) else "buffer")
+        program.weights[name] = WeightInfo(origin=origin, kind=kind)
         with gm.graph.inserting_before(first_op):
             attr = gm.graph.get_attr(name)
         attr.meta["val"] = node.meta["val"]

@@ -56,14 +56,12 @@ def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def pytree_type_names(spec: Any) -> list[str]:
     """The importable names of the container types in a pytree spec that torch does not know by itself."""
-    from torch.utils import _pytree as pytree
-
     builtin = {tuple, list, dict, type(None)}
     names: list[str] = []
     stack = [spec]
     while stack:
         node = stack.pop()
-        if node is None or isinstance(node, pytree.LeafSpec if hasattr(pytree, "LeafSpec") else ()):
+        if node.is_leaf():
             continue
         kind = getattr(node, "type", None)
         if kind is not None and kind not in builtin and getattr(kind, "__module__", "builtins") != "builtins":

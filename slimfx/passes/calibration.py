@@ -122,6 +122,10 @@ def describe_inputs(args: tuple, kwargs: dict | None = None) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
+def _empty_calibration() -> CalibrationError:
+    return CalibrationError("the calibration data is empty: pass at least one batch of model inputs")
+
+
 class _Accumulator:
     """Feeds one program's calibration inputs through the statistics collector, checking their structure."""
 
@@ -186,7 +190,7 @@ def collect_stats(program: Program, data: Iterable[Any], max_batches: int | None
         accumulator.add(args, kwargs, index)
         stats.batches += 1
     if stats.batches == 0:
-        raise CalibrationError("the calibration data is empty: pass at least one batch of model inputs")
+        raise _empty_calibration()
     return stats
 
 
@@ -218,7 +222,7 @@ def collect_part_stats(model: torch.nn.Module, parts: list, data: Iterable[Any],
             handle.remove()
         model.train(was_training)
     if stats.batches == 0:
-        raise CalibrationError("the calibration data is empty: pass at least one batch of model inputs")
+        raise _empty_calibration()
     return stats
 
 
@@ -236,7 +240,7 @@ def collect_model_stats(model: torch.nn.Module, data: Iterable[Any], example_inp
     check_calibration(data, "slimfx.collect_stats")
     batches = list(data)
     if not batches:
-        raise CalibrationError("the calibration data is empty: pass at least one batch of model inputs")
+        raise _empty_calibration()
     args, kwargs = model_inputs(batches[0], 0) if example_inputs is None else (_as_args(example_inputs), {})
     try:
         program = capture(model, args, kwargs)

@@ -27,8 +27,7 @@ from .base import Pass, PassContext, register
 
 
 def _single_weight_use(program: Program, layer: fx.Node) -> bool:
-    info = program.weights.get(layer.args[1].target) if program.is_weight(layer.args[1]) else None
-    return info is not None and len(layer.args[1].users) == 1
+    return program.is_weight(layer.args[1]) and len(layer.args[1].users) == 1
 
 
 def _bias(program: Program, layer: fx.Node, index: int) -> torch.Tensor | None | bool:
@@ -64,7 +63,10 @@ def _slower_on(profile, first: fx.Node, second: fx.Node, merged: list) -> str | 
     return None
 
 
-def merge_linear(program: Program, second: fx.Node, profile=None) -> fx.Node | str | None:
+Merged = tuple  # (the replacement node, the other node it absorbs)
+
+
+def merge_linear(program: Program, second: fx.Node, profile=None) -> Merged | str | None:
     first = _chain(program, second)
     if not isinstance(first, fx.Node):
         return first
@@ -83,10 +85,10 @@ def merge_linear(program: Program, second: fx.Node, profile=None) -> fx.Node | s
     weight = w2 @ w1
     bias = (w2 @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
     return _replace(program, first, second, weight, bias if (b1 is not None or b2 is not None) else None,
-                    lambda w, b: (first.args[0], w, b))
+                    lambda w, b: (first.args[0], w, b)), first
 
 
-def merge_conv(program: Program, second: fx.Node, profile=None) -> fx.Node | str | None:
+def merge_conv(program: Program, second: fx.Node, profile=None) -> Merged | str | None:
     first = _chain(program, second)
     if not isinstance(first, fx.Node):
         return first
@@ -126,7 +128,7 @@ def merge_conv(program: Program, second: fx.Node, profile=None) -> fx.Node | str
     if b1 is not None or b2 is not None:
         bias = (w2.sum((2, 3)) @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
     return _replace(program, first, second, composite, bias,
-                    lambda w, b: (first.args[0], w, b, list(stride2), list(pad1), [1, 1], 1))
+                    lambda w, b: (first.args[0], w, b, list(stride2), list(pad1), [1, 1], 1)), first
 
 
 def _ungrouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -141,7 +143,7 @@ def _ungrouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return dense
 
 
-def fold_residual(program: Program, add: fx.Node, profile=None) -> fx.Node | str | None:
+def fold_residual(program: Program, add: fx.Node, profile=None) -> Merged | str | None:
     """conv(x) + x -> conv'(x) with W' = W + a centred identity kernel: one op fewer, the same multiply-adds."""
     if len(add.args) != 2 or add.kwargs:
         return None
@@ -165,7 +167,7 @@ def fold_residual(program: Program, add: fx.Node, profile=None) -> fx.Node | str
                                     "residual identity folded in (centred delta kernel)")
     args = list(conv.args)
     args[1] = new_weight
-    return program.graph.call_function(CONV2D, tuple(args))
+    return program.graph.call_function(CONV2D, tuple(args)), conv
 
 
 def _replace(program: Program, first: fx.Node, second: fx.Node, weight: torch.Tensor, bias, build) -> fx.Node:
@@ -210,14 +212,13 @@ class DepthMerge(Pass):
                     refused[origin] = outcome
                     continue
                 refused.pop(origin, None)
-                replaced = node.args[0] if node.target != torch.ops.aten.add.Tensor else \
-                    next(a for a in node.args if isinstance(a, fx.Node) and a.target == CONV2D and a.args[0] in node.args)
-                node.replace_all_uses_with(outcome)
+                replacement, absorbed = outcome
+                node.replace_all_uses_with(replacement)
                 program.graph.erase_node(node)
-                program.graph.erase_node(replaced)
+                program.graph.erase_node(absorbed)
                 kind = {LINEAR: "linear", CONV2D: "conv"}.get(node.target, "residual")
                 counts[kind] += 1
-                info = program.weights[outcome.args[1].target]
+                info = program.weights[replacement.args[1].target]
                 ctx.note(f"depth-merge: {info.origin}: {info.note}")
                 changed = True
                 break  # the merged layer has no shapes yet: re-derive them, then sweep again

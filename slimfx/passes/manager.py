@@ -168,19 +168,21 @@ class PassManager:
         report.weight_bytes_before = program.weight_bytes()
         report.flops_before = program_flops(program.graph)
         reference = previous = self._outputs(program) if self.check else None
+        tolerance = exact_tolerance(reference, self.exact_rtol)
         latency = self._latency(program, ctx)
         report.latency_before_s = latency
         for pass_ in self.passes:
             params, flops = program.parameter_count(), program_flops(program.graph)
             start = time.perf_counter()
+            shape_before = (len(program.graph.nodes), tuple(program.weights))
             try:
                 with torch.no_grad():
                     counts = pass_.run(program, ctx)
             except SlimfxError as exc:  # name the pass; the type (and so how callers treat it) is kept
                 exc.args = (f"pass {pass_} failed: {exc}", *exc.args[1:])
                 raise
-            if any(counts.values()):
-                ctx.revision += 1
+            if (len(program.graph.nodes), tuple(program.weights)) != shape_before:
+                ctx.revision += 1  # the program changed: statistics collected before describe another one
             program.gm.recompile()
             refresh_metadata(program)
             verify(program)
@@ -195,7 +197,6 @@ class PassManager:
                 outputs = self._outputs(program)
                 record.rel_error = relative_error(reference, outputs)
                 step = relative_error(previous, outputs)  # what this pass alone changed
-                tolerance = exact_tolerance(reference, self.exact_rtol)
                 if pass_.exact and step > tolerance:
                     raise NumericalMismatchError(
                         f"pass {pass_} promises exact results but changed the outputs by {step:.3g} "

@@ -10,6 +10,14 @@ class PipelineError(SlimfxError, ValueError):
     """Bad pipeline text, an unknown pass, or an invalid pass option."""
 
 
+class BudgetError(PipelineError):
+    """A budget no plan can meet; ``best`` is the best achievable value, which the message names."""
+
+    def __init__(self, message: str, best: float):
+        super().__init__(message)
+        self.best = best
+
+
 class CaptureError(SlimfxError, RuntimeError):
     """The model could not be traced into one graph, or model and inputs disagree."""
 

@@ -80,6 +80,41 @@ class DigitsProjCNN(nn.Module):
         return self.fc2(self.fc1(x.flatten(1)))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expand, BN, ReLU6, 3×3 depthwise, BN, ReLU6, 1×1 linear projection, BN, and the
+    identity skip where the shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4):
+        super().__init__()
+        hidden = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.depthwise(self.expand(x)))
+        return x + y if self.skip else y
+
+
+class DigitsMobileNet(nn.Module):
+    """A MobileNetV2 in miniature: a stem, five inverted residuals (one strided), a 1×1 head conv and a linear."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        wide = width * 3 // 2
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU6())
+        self.blocks = nn.Sequential(InvertedResidual(width, width), InvertedResidual(width, width),
+                                    InvertedResidual(width, wide, stride=2), InvertedResidual(wide, wide),
+                                    InvertedResidual(wide, wide))
+        self.head = nn.Sequential(nn.Conv2d(wide, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6())
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
 class DigitsMLP(nn.Module):
     def __init__(self, hidden: int = 256):
         super().__init__()
@@ -135,6 +170,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "digits-mlp": DigitsMLP,
     "digits-transformer": DigitsTransformer,
     "digits-proj-cnn": DigitsProjCNN,
+    "digits-mobilenet": DigitsMobileNet,
 }
 
 # What `slimfx demo` runs on each: input and output layers stay dense (they are small and most sensitive).

@@ -131,3 +131,27 @@ def test_merges_are_priced_on_the_profile_when_one_is_given():
     assert on_cpu.latency_after_s < on_cpu.latency_before_s
     on_h100 = slimfx.compress(chain, (x[:1],), pipeline="depth-merge", profile="h100", dynamic=False).report
     assert on_h100.rewrites("depth-merge") == {"linear": 1} and on_h100.latency_after_s < on_h100.latency_before_s
+
+
+def test_linears_merge_through_shape_ops_that_commute_and_not_through_those_that_do_not():
+    class Heads(nn.Module):
+        def __init__(self, flatten_rows: bool):
+            super().__init__()
+            self.up, self.down, self.flatten_rows = nn.Linear(12, 96), nn.Linear(96, 8), flatten_rows
+
+        def forward(self, x):  # x: [batch, tokens, 12]
+            h = self.up(x)
+            if self.flatten_rows:  # mixes rows of the last dimension: not a commuting reshape
+                return self.down(h.reshape(h.shape[0], -1, 96 // 2).reshape(h.shape[0], -1, 96))
+            return self.down(h.transpose(0, 1).reshape(-1, 96).unsqueeze(0))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12)
+    model = Heads(flatten_rows=False).eval()
+    result = slimfx.compress(model, (x,), pipeline="depth-merge")
+    assert result.report.rewrites("depth-merge") == {"linear": 1}
+    assert layers(result.program, LINEAR) == 1 and result.report.final_rel_error < 1e-5
+    other = torch.randn(4, 7, 12)
+    assert torch.allclose(result(other), model(other), atol=1e-5)
+    mixed = slimfx.compress(Heads(flatten_rows=True).eval(), (x,), pipeline="depth-merge")
+    assert layers(mixed.program, LINEAR) == 2

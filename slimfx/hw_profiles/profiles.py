@@ -11,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ProfileError
 
 if sys.version_info >= (3, 11):
@@ -142,6 +144,18 @@ def load_profile(name_or_path: str | Path) -> Profile:
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"profile {source} is not valid TOML: {exc}") from exc
     return parse_profile(data, source)
+
+
+def local_profile() -> Profile:
+    """The built-in profile for this machine's device: a known GPU by its name, else cpu-generic."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower()
+        for known in ("h100", "a100", "l4"):
+            if known in name:
+                return load_profile(known)
+        raise ProfileError(f"no built-in profile for {torch.cuda.get_device_name()}; pass profile= (one of "
+                           f"{', '.join(builtin_profiles())}, or a file from `slimfx profile calibrate`)")
+    return load_profile("cpu-generic")
 
 
 def resolve_profile(profile: Any) -> Profile | None:

@@ -135,6 +135,15 @@ class _Accumulator:
         self.spec = pytree.tree_flatten((program.example_args, program.example_kwargs))[1]
 
     def add(self, args: tuple, kwargs: dict, index: int) -> None:
+        leaves = self.flatten(args, kwargs, index)
+        try:
+            with torch.no_grad():
+                self.collector.run(*leaves)
+        except Exception as exc:  # noqa: BLE001
+            raise _does_not_fit(index, args, kwargs, exc, f", which was captured with {self.example}") from exc
+
+    def flatten(self, args: tuple, kwargs: dict, index: int) -> list:
+        """The batch as the graph's flat inputs, or a CalibrationError saying how it differs from the example."""
         example_kwargs = self.program.example_kwargs
         if set(kwargs) == set(example_kwargs):  # keyword order does not matter
             kwargs = {k: kwargs[k] for k in example_kwargs}
@@ -153,11 +162,7 @@ class _Accumulator:
                 f"calibration batch {index} {describe_inputs(args, kwargs)} is not structured like the example inputs "
                 f"{self.example}; each batch must be a full set of the model's inputs{hint}"
             )
-        try:
-            with torch.no_grad():
-                self.collector.run(*leaves)
-        except Exception as exc:  # noqa: BLE001
-            raise _does_not_fit(index, args, kwargs, exc, f", which was captured with {self.example}") from exc
+        return leaves
 
 
 def _does_not_fit(index: int, args: tuple, kwargs: dict, exc: Exception, captured: str = "") -> CalibrationError:
@@ -192,6 +197,17 @@ def collect_stats(program: Program, data: Iterable[Any], max_batches: int | None
     if stats.batches == 0:
         raise _empty_calibration()
     return stats
+
+
+def calibration_inputs(program: Program, data: Iterable[Any], max_batches: int | None = None) -> list[list]:
+    """Raw calibration batches as the program's flat graph inputs, checked like statistics collection checks them
+    (for passes that run the program itself: importance measurement, distillation)."""
+    check_calibration(data, "slimfx.compress")
+    flattener = _Accumulator(program, ActivationStats())
+    inputs = [flattener.flatten(args, kwargs, index) for index, args, kwargs in _batches(data, max_batches)]
+    if not inputs:
+        raise _empty_calibration()
+    return inputs
 
 
 def collect_part_stats(model: torch.nn.Module, parts: list, data: Iterable[Any],

@@ -1,6 +1,7 @@
 """``depth-merge``: merge two consecutive layers with nothing nonlinear between them into one. Exact.
 
-- linear → linear: W = W₂W₁, b = W₂b₁ + b₂;
+- linear → linear: W = W₂W₁, b = W₂b₁ + b₂, also through reshapes, transposes and permutes that keep the last
+  dimension's rows whole (they commute with a linear layer, and are replayed on the merged layer's input);
 - conv → conv: the composite kernel is the full convolution of the two (k₁ + k₂ − 1 wide), b = ΣW₂·b₁ + b₂.
   Exact when the first conv has stride 1 and dilation 1, the second has dilation 1 and no padding (a padded border
   of the intermediate is zero, which no conv of the input reproduces), both are ungrouped, and, if the first
@@ -8,22 +9,24 @@
 
 A chain is merged only when the merged layer is smaller in multiply-adds (64→16→64 through a 1×1 bottleneck is
 not: merging would raise FLOPs). Every chain considered is reported with what was done, or why not.
-Activation removal (the two-stage DP of Kim et al., 2023) is not part of this pass yet.
+With ``latency=`` (a fraction of the dense latency) the pass also removes activations, lossily, where the merges
+that this allows pay most for the least error: the two-stage DP of Kim et al. (2023), in ``depth_shrink``.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from ..hw_profiles.cost_model import conv2d, dense_linear, latency
 from ..hw_profiles.op_costs import concrete, dtype_name, node_kernels, numel, shape, size_hints
 from ..ir.fake_prop import refresh_metadata
 from ..ir.program import CONV2D, LINEAR, Program
 from .base import Pass, PassContext, register
+from .depth_spans import compose, ungrouped
 
 
 def _single_weight_use(program: Program, layer: fx.Node) -> bool:
@@ -38,9 +41,55 @@ def _bias(program: Program, layer: fx.Node, index: int) -> torch.Tensor | None |
     return program.tensor(node).detach().double() if program.is_weight(node) else False
 
 
-def _chain(program: Program, second: fx.Node) -> fx.Node | str | None:
-    """The first layer of a mergeable chain ending at ``second``; a reason if it is a chain that cannot merge."""
+aten = torch.ops.aten
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_SHAPE_OPS = {*_RESHAPES, aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.flatten.using_ints}
+
+
+def _keeps_rows(node: fx.Node) -> bool:
+    """Whether a shape op keeps every row of the last dimension whole and in place, so a linear layer commutes
+    with it: linear(op(x)) = op'(linear(x)), where op' is op with the last size changed."""
+    x, out = node.args[0].meta["val"], node.meta["val"]
+    last = x.dim() - 1
+    if node.target in _RESHAPES:
+        return isinstance(out.shape[-1], int) and out.shape[-1] == x.shape[-1] and node.args[1][-1] in (-1, x.shape[-1])
+    if node.target == aten.transpose.int:
+        return last not in {d % x.dim() for d in node.args[1:3]}
+    if node.target == aten.permute.default:
+        return node.args[1][-1] % x.dim() == last
+    if node.target == aten.unsqueeze.default:
+        return node.args[1] % out.dim() != out.dim() - 1
+    end = node.args[2] if len(node.args) > 2 else -1  # flatten(start, end)
+    return end % x.dim() != last
+
+
+def _shape_ops_before(second: fx.Node) -> list[fx.Node]:
+    """Shape ops that commute with a linear layer between ``second`` and what feeds it, nearest first."""
+    ops, source = [], second.args[0]
+    while isinstance(source, fx.Node) and source.op == "call_function" and source.target in _SHAPE_OPS \
+            and len(source.users) == 1 and _keeps_rows(source):
+        ops.append(source)
+        source = source.args[0]
+    return ops
+
+
+def _replay(program: Program, ops: list[fx.Node], x: fx.Node, width: int) -> fx.Node:
+    """Apply the shape ops (nearest-first list) to ``x``, whose last dimension is ``width``."""
+    for op in reversed(ops):
+        args = list(op.args)
+        args[0] = x
+        if op.target in _RESHAPES and args[1][-1] != -1:
+            args[1] = [*args[1][:-1], width]
+        x = program.graph.call_function(op.target, tuple(args))
+    return x
+
+
+def _chain(program: Program, second: fx.Node, skip: int = 0) -> fx.Node | str | None:
+    """The first layer of a mergeable chain ending at ``second``; a reason if it is a chain that cannot merge.
+    ``skip`` shape ops between them are stepped over."""
     first = second.args[0]
+    for _ in range(skip):
+        first = first.args[0]
     if not isinstance(first, fx.Node) or first.op != "call_function" or first.target != second.target:
         return None
     if len(first.users) != 1:
@@ -63,11 +112,12 @@ def _slower_on(profile, first: fx.Node, second: fx.Node, merged: list) -> str | 
     return None
 
 
-Merged = tuple  # (the replacement node, the other node it absorbs)
+Merged = tuple  # (the replacement node, the other node it absorbs, or a list of them to erase in order)
 
 
 def merge_linear(program: Program, second: fx.Node, profile=None) -> Merged | str | None:
-    first = _chain(program, second)
+    shape_ops = _shape_ops_before(second)
+    first = _chain(program, second, len(shape_ops))
     if not isinstance(first, fx.Node):
         return first
     w1, w2 = program.tensor(first.args[1]).detach().double(), program.tensor(second.args[1]).detach().double()
@@ -82,10 +132,9 @@ def merge_linear(program: Program, second: fx.Node, profile=None) -> Merged | st
         numel(shape(x)[:-1]), n, k, x.meta["val"].element_size(), dtype_name(x)))
     if slower:
         return slower
-    weight = w2 @ w1
-    bias = (w2 @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
-    return _replace(program, first, second, weight, bias if (b1 is not None or b2 is not None) else None,
-                    lambda w, b: (first.args[0], w, b)), first
+    weight, bias = compose("linear", w1, b1, w2, b2)
+    x = _replay(program, shape_ops, first.args[0], k)
+    return _replace(program, first, second, weight, bias, lambda w, b: (x, w, b)), [*shape_ops, first]
 
 
 def merge_conv(program: Program, second: fx.Node, profile=None) -> Merged | str | None:
@@ -100,7 +149,7 @@ def merge_conv(program: Program, second: fx.Node, profile=None) -> Merged | str 
         return "the first conv is strided or either is dilated"
     if any(pad2):
         return "the second conv pads the intermediate with zeros, which is not zero-equivalent after merging"
-    w1 = _ungrouped(program.tensor(first.args[1]).detach().double(), groups1)  # a depthwise conv included
+    w1 = ungrouped(program.tensor(first.args[1]).detach().double(), groups1)  # a depthwise conv included
     w2 = program.tensor(second.args[1]).detach().double()
     b1, b2 = _bias(program, first, 2), _bias(program, second, 2)
     if b1 is False or b2 is False:
@@ -122,25 +171,9 @@ def merge_conv(program: Program, second: fx.Node, profile=None) -> Merged | str 
                                                            x.meta["val"].element_size(), dtype_name(x)))
         if slower:
             return slower
-    # full convolution of the kernels: treat w1 as a batch of cin images with mid channels
-    composite = F.conv2d(w1.permute(1, 0, 2, 3), w2.flip(2, 3), padding=(k2h - 1, k2w - 1)).permute(1, 0, 2, 3)
-    bias = None
-    if b1 is not None or b2 is not None:
-        bias = (w2.sum((2, 3)) @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
+    composite, bias = compose("conv", w1, b1, w2, b2)
     return _replace(program, first, second, composite, bias,
                     lambda w, b: (first.args[0], w, b, list(stride2), list(pad1), [1, 1], 1)), first
-
-
-def _ungrouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped conv's weight [out, in/groups, kh, kw] as the dense [out, in, kh, kw] it equals (block-diagonal)."""
-    if groups == 1:
-        return weight
-    out_c, in_per, kh, kw = weight.shape
-    dense = weight.new_zeros(out_c, in_per * groups, kh, kw)
-    out_per = out_c // groups
-    for g in range(groups):
-        dense[g * out_per : (g + 1) * out_per, g * in_per : (g + 1) * in_per] = weight[g * out_per : (g + 1) * out_per]
-    return dense
 
 
 def fold_residual(program: Program, add: fx.Node, profile=None) -> Merged | str | None:
@@ -190,11 +223,30 @@ MERGES = {LINEAR: merge_linear, CONV2D: merge_conv, torch.ops.aten.add.Tensor: f
 @dataclass
 class DepthMerge(Pass):
     name = "depth-merge"
-    summary = "merge consecutive linear or conv layers with nothing nonlinear between them (exact merges only)"
-    exact = True
+    summary = ("merge consecutive linear or conv layers with nothing nonlinear between them; with latency=, also "
+               "remove the activations whose removal pays most (lossy, two-stage DP)")
+
+    latency: Optional[float] = None  # a fraction of the dense latency; None: exact merges only
+    steps: int = 300  # distillation steps after removing activations
+    lr: float = 3e-3
+    tables: Literal["profile", "measure"] = "profile"  # where the latency of each merged run comes from
+
+    @property
+    def exact(self) -> bool:  # type: ignore[override]
+        return self.latency is None
+
+    def validate(self) -> None:
+        if self.latency is not None and not 0 < self.latency <= 1:
+            raise self.invalid("latency", "must be in (0, 1]: the target latency as a fraction of the dense model's")
+        if self.steps < 0:
+            raise self.invalid("steps", "must be >= 0 (0: no distillation)")
+        if not self.lr > 0:
+            raise self.invalid("lr", "must be > 0")
 
     def run(self, program: Program, ctx: PassContext) -> Counter:
         counts: Counter = Counter()
+        if self.latency is not None:
+            self._shrink(program, ctx, counts)
         refused: dict[str, str] = {}  # layer -> why, as of the last sweep
         changed = True
         while changed:  # a merged layer may merge again with the next one
@@ -215,7 +267,8 @@ class DepthMerge(Pass):
                 replacement, absorbed = outcome
                 node.replace_all_uses_with(replacement)
                 program.graph.erase_node(node)
-                program.graph.erase_node(absorbed)
+                for dead in absorbed if isinstance(absorbed, list) else [absorbed]:
+                    program.graph.erase_node(dead)
                 kind = {LINEAR: "linear", CONV2D: "conv"}.get(node.target, "residual")
                 counts[kind] += 1
                 info = program.weights[replacement.args[1].target]
@@ -231,3 +284,14 @@ class DepthMerge(Pass):
         program.graph.eliminate_dead_code()
         program.drop_unused_weights()
         return counts
+
+    def _shrink(self, program: Program, ctx: PassContext, counts: Counter) -> None:
+        from .depth_shrink import DepthShrink
+
+        shrink = DepthShrink(program, ctx, self.tables)
+        plan = shrink.plan(self.latency)
+        rest = shrink.total_s - shrink.dense_chain_s
+        ctx.note(f"depth-merge: planned {(rest + plan.latency_s) / shrink.total_s:.3f}x dense latency on "
+                 f"{shrink.profile.name if self.tables == 'profile' else 'this device (measured)'} "
+                 f"(budget {self.latency:g}x), predicted output error {plan.error ** 0.5:.4f} before distillation")
+        shrink.apply(plan, self.steps, self.lr, counts)

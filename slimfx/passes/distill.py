@@ -1,0 +1,114 @@
+"""Run a program on calibration inputs, with some nodes altered, and fine-tune its weights by distillation.
+
+A lossy rewrite is scored by the output error of the whole model on calibration data (``output_error``), and
+recovered by a short distillation against the original model's outputs (``distill``): a few hundred Adam steps
+on the mean squared error of the outputs, relative to their energy. Only trained weights are trained, and each is
+replaced by a copy first, so the user's tensors are never written.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ..ir.program import Program, fetch_attr
+
+Override = Callable[[fx.Node, tuple, dict], Any]  # (node, its args, its kwargs) -> its value
+
+
+class _Runner(fx.Interpreter):
+    def __init__(self, program: Program, overrides: dict[fx.Node, Override] | None = None):
+        super().__init__(program.gm)
+        self.overrides = overrides or {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_module" and not n.users:
+            return None  # export's shape guard: calibration batches may be larger than the example
+        if n in self.overrides:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return self.overrides[n](n, args, kwargs)
+        return super().run_node(n)
+
+
+def run(program: Program, inputs: list, overrides: dict[fx.Node, Override] | None = None) -> list[torch.Tensor]:
+    """The program's floating-point outputs on flat graph inputs, as one list of tensors."""
+    outputs = _Runner(program, overrides).run(*inputs)
+    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@torch.no_grad()
+def outputs_on(program: Program, batches: list, overrides: dict[fx.Node, Override] | None = None) -> list:
+    return [[t.detach() for t in run(program, inputs, overrides)] for inputs in batches]
+
+
+@torch.no_grad()
+def output_error(program: Program, batches: list, reference: list,
+                 overrides: dict[fx.Node, Override] | None = None) -> float:
+    """Σ‖y − y₀‖² / Σ‖y₀‖² over every output of every batch: the squared relative error, which adds up roughly
+    over independent changes (so the depth DP may sum it)."""
+    num = den = 0.0
+    for inputs, ref in zip(batches, reference):
+        for y, y0 in zip(run(program, inputs, overrides), ref):
+            num += (y.double() - y0.double()).pow(2).sum().item()
+            den += y0.double().pow(2).sum().item()
+    return num / max(den, 1e-30)
+
+
+def trainable_weights(program: Program) -> list[str]:
+    """The get_attr targets a distillation may train: trained (not buffer or constant) floating-point weights."""
+    used = {n.target for n in program.graph.nodes if program.is_weight(n)}
+    return [t for t in program.weights if t in used and program.weights[t].compressible
+            and fetch_attr(program.gm, t).is_floating_point()]
+
+
+def distill(program: Program, batches: list, reference: list, steps: int = 300, lr: float = 1e-3,
+            pass_name: str = "depth-merge", targets: list[str] | None = None) -> tuple[float, float]:
+    """Fine-tune the program's trainable weights (or ``targets``) so its outputs match ``reference`` on
+    ``batches``. Returns the output error (as ``output_error``) before and after."""
+    before = output_error(program, batches, reference)
+    targets = trainable_weights(program) if targets is None else targets
+    if steps <= 0 or not targets or before == 0.0:
+        return before, before
+    originals = {t: fetch_attr(program.gm, t) for t in targets}
+    params = {t: value.detach().clone().requires_grad_(True) for t, value in originals.items()}
+    for t, p in params.items():
+        _set(program.gm, t, p)
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    energy = [sum(y.double().pow(2).mean().item() for y in ref) or 1.0 for ref in reference]
+    with torch.enable_grad():
+        for _, index in zip(range(steps), itertools.cycle(range(len(batches)))):
+            outputs = run(program, batches[index])
+            loss = sum(torch.nn.functional.mse_loss(y.float(), y0.float())
+                       for y, y0 in zip(outputs, reference[index])) / energy[index]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for t, p in params.items():
+        _set(program.gm, t, p.detach().to(originals[t].dtype))
+    after = output_error(program, batches, reference)
+    if after > before:  # never leave the model worse than the fine-tuning found it
+        for t, value in originals.items():
+            _set(program.gm, t, value)
+        return before, before
+    for t in params:
+        info = program.weights[t]
+        info.kind, info.derived_by = "derived", pass_name
+        info.note = (info.note + "; " if info.note else "") + f"distilled {steps} steps"
+    return before, after
+
+
+def _set(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Rebind a weight of the graph module (a parameter becomes a buffer: the program holds no nn.Parameters
+    it could hand back to the user's model)."""
+    *path, leaf = target.split(".")
+    owner = fetch_attr(gm, ".".join(path)) if path else gm
+    owner._parameters.pop(leaf, None)
+    if leaf not in owner._buffers:
+        owner.__dict__.pop(leaf, None)
+    if leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        owner.register_buffer(leaf, value, persistent=True)

@@ -181,3 +181,28 @@ def test_compress_names_the_failing_pass(half_rewrite_pass):
     with pytest.raises(slimfx.SlimfxError, match="pass test-half-rewrite failed: deliberate failure"):
         slimfx.compress(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), (torch.randn(2, 4),),
                         pipeline="test-half-rewrite")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_activation_removal_keeps_device_and_dtype(dtype, monkeypatch):
+    """depth-merge{latency=...} makes merged weights and distils copies: on the weights' device (meta stands in
+    as above) and in their dtype, training float32 masters for half-precision weights."""
+    torch.manual_seed(0)
+    model = randomize_bn(_device_probe_model()).to(dtype)
+    x = torch.randn(8, 3, 4, 4, dtype=dtype)
+    for cls in (PASSES["depth-merge"],):
+        original = cls.run
+
+        def on_meta_by_default(self, program, ctx, _run=original):
+            with torch.device("meta"):
+                return _run(self, program, ctx)
+
+        monkeypatch.setattr(cls, "run", on_meta_by_default)
+    result = slimfx.compress(model, (x,), pipeline="fold-bn,depth-merge{latency=0.95,steps=20}",
+                             calibration=[(torch.randn(16, 3, 4, 4, dtype=dtype),)], profile="cpu-generic")
+    rewrites = result.report.rewrites("depth-merge")
+    assert rewrites["activation-removed"] == 1 and rewrites["run-merged"] == 1  # the head's linear pair
+    program = result.program
+    assert {program.tensor(n).device.type for n in program.graph.nodes if program.is_weight(n)} == {"cpu"}
+    assert {program.tensor(n).dtype for n in program.graph.nodes if program.is_weight(n)} == {dtype}
+    assert torch.isfinite(result(x)).all()

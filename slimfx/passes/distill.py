@@ -73,13 +73,14 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
     if steps <= 0 or not targets or before == 0.0:
         return before, before
     originals = {t: fetch_attr(program.gm, t) for t in targets}
-    params = {t: value.detach().clone().requires_grad_(True) for t, value in originals.items()}
-    for t, p in params.items():
-        _set(program.gm, t, p)
+    # float32 master copies (Adam's state and small updates underflow in half precision), cast on every step
+    params = {t: value.detach().float().clone().requires_grad_(True) for t, value in originals.items()}
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     energy = [sum(y.double().pow(2).mean().item() for y in ref) or 1.0 for ref in reference]
     with torch.enable_grad():
         for _, index in zip(range(steps), itertools.cycle(range(len(batches)))):
+            for t, p in params.items():
+                _set(program.gm, t, p.to(originals[t].dtype))
             outputs = run(program, batches[index])
             loss = sum(torch.nn.functional.mse_loss(y.float(), y0.float())
                        for y, y0 in zip(outputs, reference[index])) / energy[index]
@@ -89,7 +90,7 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
     for t, p in params.items():
         _set(program.gm, t, p.detach().to(originals[t].dtype))
     after = output_error(program, batches, reference)
-    if after > before:  # never leave the model worse than the fine-tuning found it
+    if not after <= before:  # never leave the model worse than the fine-tuning found it (nor NaN)
         for t, value in originals.items():
             _set(program.gm, t, value)
         return before, before

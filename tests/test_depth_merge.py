@@ -155,3 +155,19 @@ def test_linears_merge_through_shape_ops_that_commute_and_not_through_those_that
     assert torch.allclose(result(other), model(other), atol=1e-5)
     mixed = slimfx.compress(Heads(flatten_rows=True).eval(), (x,), pipeline="depth-merge")
     assert layers(mixed.program, LINEAR) == 2
+
+    class Views(nn.Module):  # a view after the first linear; its input is non-contiguous once replayed
+        def __init__(self, last_dim_moves: bool):
+            super().__init__()
+            self.up, self.down, self.last_dim_moves = nn.Linear(12, 96), nn.Linear(96, 8), last_dim_moves
+
+        def forward(self, x):
+            h = self.up(x.transpose(0, 1))  # [tokens, batch, 96]
+            if self.last_dim_moves:  # the transpose moves the last dimension: rows are mixed
+                return self.down(h.transpose(1, 2).reshape(h.shape[0], h.shape[1], 96))
+            return self.down(h.view(-1, 96))
+
+    for moves, expected in ((False, 1), (True, 2)):
+        model = Views(moves).eval()
+        result = slimfx.compress(model, (x,), pipeline="depth-merge")
+        assert layers(result.program, LINEAR) == expected and result.report.final_rel_error < 1e-5

@@ -22,7 +22,7 @@ from slimfx.passes.depth_spans import find_chains
 
 # -- the DP ---------------------------------------------------------------------------------------------------
 
-def brute_force(merged, importance, budget):
+def brute_force(merged, importance, kept, budget):
     """Least summed importance over every choice of kept boundaries and every split of each block into runs."""
     n = len(merged) - 1
 
@@ -35,7 +35,7 @@ def brute_force(merged, importance, budget):
     for cuts in itertools.product([False, True], repeat=n - 1):
         bounds = [0] + [b for b, cut in zip(range(1, n), cuts) if cut] + [n]
         blocks = list(zip(bounds, bounds[1:]))
-        latency = sum(fastest(i, j) for i, j in blocks)
+        latency = sum(fastest(i, j) + (kept[j] if j < n else 0) for i, j in blocks)
         error = sum(importance[i][j] for i, j in blocks)
         if latency <= budget and error < best:
             best = error
@@ -53,21 +53,26 @@ def tables(draw):
             if single or draw(st.booleans()):  # some runs cannot merge
                 merged[i][j] = float(draw(st.integers(1, 20)))
             importance[i][j] = 0.0 if single else draw(st.floats(0, 5))
-    dense = sum(merged[i][i + 1] for i in range(n))
-    return merged, importance, float(draw(st.integers(1, int(dense))))
+    kept = [float(draw(st.integers(0, 3))) for _ in range(n + 1)]  # an activation kept at each boundary
+    for cut in draw(st.lists(st.integers(1, max(n - 1, 1)), max_size=2)):  # branches: blocks may not cross
+        for i in range(cut):
+            for j in range(cut + 1, n + 1):
+                importance[i][j] = math.inf
+    dense = sum(merged[i][i + 1] for i in range(n)) + sum(kept[1:n])
+    return merged, importance, kept, float(draw(st.integers(1, int(dense))))
 
 
 @settings(max_examples=200, deadline=None)
 @given(tables())
 def test_the_two_stage_dp_finds_the_least_error_plan_within_budget(case):
-    merged, importance, budget = case
-    expected = brute_force(merged, importance, budget)
+    merged, importance, kept, budget = case
+    expected = brute_force(merged, importance, kept, budget)
     if math.isinf(expected):
         with pytest.raises(BudgetError) as info:
-            solve(merged, importance, [0.0] * len(merged), budget)
+            solve(merged, importance, kept, budget)
         assert info.value.best > budget and "lowest achievable" in str(info.value)
         return
-    plan = solve(merged, importance, [0.0] * len(merged), budget, resolution=4000)
+    plan = solve(merged, importance, kept, budget, resolution=4000)
     assert plan.latency_s <= budget
     step = sum(v for row in importance for v in row if math.isfinite(v)) / 4000  # importance is rounded up to steps
     assert expected - 1e-9 <= plan.error <= expected + len(plan.blocks) * step + 1e-9
@@ -75,6 +80,21 @@ def test_the_two_stage_dp_finds_the_least_error_plan_within_budget(case):
     for block in plan.blocks:  # runs tile their block
         assert block.runs[0][0] == block.start and block.runs[-1][1] == block.end
         assert all(a[1] == b[0] for a, b in zip(block.runs, block.runs[1:]))
+
+
+def test_a_plan_that_spends_every_importance_step_still_fits():
+    """Three two-layer chains whose pairs must all merge to fit: the plan uses all the importance there is, and
+    rounding each block up must not push it off the table (it once returned the unchanged plan, over budget)."""
+    n, inf = 6, math.inf
+    merged = [[inf] * (n + 1) for _ in range(n + 1)]
+    importance = [[inf] * (n + 1) for _ in range(n + 1)]
+    for c in range(0, n, 2):
+        merged[c][c + 1] = merged[c + 1][c + 2] = 10.0
+        merged[c][c + 2] = 1.0
+        importance[c][c + 1] = importance[c + 1][c + 2] = 0.0
+        importance[c][c + 2] = 1.0
+    plan = solve(merged, importance, [0.0] * (n + 1), 3.0)
+    assert plan.latency_s == 3.0 and plan.error == 3.0 and len(plan.blocks) == 3
 
 
 def test_among_plans_of_equal_error_the_faster_wins():
@@ -177,6 +197,32 @@ def test_removing_activations_meets_the_budget_and_keeps_accuracy_on_a_trained_m
                             calibration=calibration(data), profile="cpu-generic")
     assert "activation-removed" not in loose.report.rewrites("depth-merge")  # nothing lossy pays there
     assert loose.report.final_rel_error < 1e-5
+
+
+def test_a_dilated_conv_stays_as_it_is_and_the_rest_of_its_chain_is_still_planned():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(), nn.Conv2d(8, 32, 1), nn.ReLU(),
+                          nn.Conv2d(32, 4, 1)).eval()
+    x = torch.randn(4, 8, 8, 8)
+    for latency in (1.0, 0.9):
+        result = slimfx.compress(model, (x,), pipeline=f"depth-merge{{latency={latency},steps=0}}",
+                                 calibration=[(x,)], profile="cpu-generic")
+        merge = result.report.passes[-1]
+        assert merge.latency_after_s <= latency * merge.latency_before_s * (1 + 1e-9)
+        assert any(n.target == CONV2D and list(n.args[5]) == [2, 2] for n in result.program.graph.nodes)
+
+
+def test_a_merge_that_would_hold_more_weights_is_never_planned():
+    """Expand 1×1 (8->32) then depthwise 3×3 would become a dense 8->32 3×3 conv (2,304 weights, not 544); with
+    the 32->12 projection the whole block is one 8->12 3×3 conv (864, not 928)."""
+    from slimfx.passes.depth_spans import grows
+
+    block = InvertedResidual(8, 12, stride=2).eval()
+    program = slimfx.compress(block, (torch.randn(2, 8, 8, 8),), pipeline="fold-bn").program
+    chain = find_chains(program)[0]
+    expand, depthwise, project = chain.layers
+    assert grows([expand, depthwise]) and grows([depthwise, project])  # a depthwise conv made dense
+    assert not grows([expand, depthwise, project]) and not grows([expand])
 
 
 def test_bad_budgets_and_missing_calibration_say_what_to_change():

@@ -187,9 +187,12 @@ def test_compress_names_the_failing_pass(half_rewrite_pass):
 def test_activation_removal_keeps_device_and_dtype(dtype, monkeypatch):
     """depth-merge{latency=...} makes merged weights and distils copies: on the weights' device (meta stands in
     as above) and in their dtype, training float32 masters for half-precision weights."""
-    torch.manual_seed(0)
-    model = randomize_bn(_device_probe_model()).to(dtype)
-    x = torch.randn(8, 3, 4, 4, dtype=dtype)
+    from slimfx.models import InvertedResidual
+
+    torch.manual_seed(0)  # an inverted residual (1×1, depthwise 3×3, 1×1: one dense 3×3 once merged), a linear pair
+    model = randomize_bn(nn.Sequential(InvertedResidual(8, 8), nn.Flatten(), nn.Linear(8 * 16, 32), nn.ReLU(),
+                                       nn.Linear(32, 8))).eval().to(dtype)
+    x = torch.randn(8, 8, 4, 4, dtype=dtype)
     for cls in (PASSES["depth-merge"],):
         original = cls.run
 
@@ -198,11 +201,17 @@ def test_activation_removal_keeps_device_and_dtype(dtype, monkeypatch):
                 return _run(self, program, ctx)
 
         monkeypatch.setattr(cls, "run", on_meta_by_default)
-    result = slimfx.compress(model, (x,), pipeline="fold-bn,depth-merge{latency=0.95,steps=20}",
-                             calibration=[(torch.randn(16, 3, 4, 4, dtype=dtype),)], profile="cpu-generic")
+    calibration = [(torch.randn(16, 8, 4, 4, dtype=dtype),)]
+    result = slimfx.compress(model, (x,), pipeline="fold-bn,depth-merge{latency=0.6,steps=0}",
+                             calibration=calibration, profile="cpu-generic")
     rewrites = result.report.rewrites("depth-merge")
-    assert rewrites["activation-removed"] == 1 and rewrites["run-merged"] == 1  # the head's linear pair
+    assert rewrites["activation-removed"] == 2 and rewrites["run-merged"] == 1 and rewrites["residual"] == 1
     program = result.program
     assert {program.tensor(n).device.type for n in program.graph.nodes if program.is_weight(n)} == {"cpu"}
     assert {program.tensor(n).dtype for n in program.graph.nodes if program.is_weight(n)} == {dtype}
     assert torch.isfinite(result(x)).all()
+    monkeypatch.undo()  # distillation (torch's Adam makes its step counters on the default device) off meta
+    distilled = slimfx.compress(model, (x,), pipeline="fold-bn,depth-merge{latency=0.6,steps=20}",
+                                calibration=calibration, profile="cpu-generic")
+    assert {w.dtype for w in distilled.buffers() if w.is_floating_point()} == {dtype}
+    assert distilled.report.final_rel_error < result.report.final_rel_error

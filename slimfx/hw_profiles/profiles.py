@@ -5,6 +5,7 @@ calibrate`` writes one measured on the local machine. A profile is refused with 
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -149,9 +150,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
 def local_profile() -> Profile:
     """The built-in profile for this machine's device: a known GPU by its name, else cpu-generic."""
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().lower()
+        words = set(re.split(r"[^a-z0-9]+", torch.cuda.get_device_name().lower()))  # "NVIDIA H100 80GB HBM3"
         for known in ("h100", "a100", "l4"):
-            if known in name:
+            if known in words:
                 return load_profile(known)
         raise ProfileError(f"no built-in profile for {torch.cuda.get_device_name()}; pass profile= (one of "
                            f"{', '.join(builtin_profiles())}, or a file from `slimfx profile calibrate`)")

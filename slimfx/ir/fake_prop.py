@@ -15,6 +15,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ..errors import ShapePropagationError, one_line
+from .program import is_input_guard
 
 if TYPE_CHECKING:
     from .program import Program
@@ -41,7 +42,7 @@ class _FakeInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "placeholder":
             return n.meta["val"]
-        if n.op == "call_module" and not n.users:
+        if is_input_guard(n):
             return None  # export's input guard module: a check, not a value
         try:
             result = super().run_node(n)

@@ -17,6 +17,17 @@ from .ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
 from .program import CONV2D, LINEAR
 
 
+# Elementwise activations, by aten op name: depth-merge may remove them, nm's permutation passes through them.
+ACTIVATIONS = frozenset({"relu", "relu_", "gelu", "silu", "silu_", "hardswish", "hardswish_", "hardtanh",
+                         "hardtanh_", "leaky_relu", "elu", "mish", "sigmoid", "tanh"})
+
+
+def op_name(node: fx.Node) -> str:
+    """An aten op's name without overload ("relu" for aten.relu.default); "" for anything else."""
+    target = node.target
+    return target._opname if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) else ""
+
+
 def _feature_rows(node: fx.Node, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 

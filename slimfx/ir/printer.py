@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .program import Program, fetch_attr
+from .program import Program, fetch_attr, is_input_guard
 
 _DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
            torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bool: "bool"}
@@ -60,8 +60,7 @@ def _fmt_annotations(note: dict) -> str:
 
 
 def _is_input_guard(node: fx.Node) -> bool:
-    """export's ``_guards_fn`` call: a check of the inputs' sizes, not part of the computation."""
-    return node.op == "call_module" and not node.users and str(node.target).startswith("_guards")
+    return is_input_guard(node) and str(node.target).startswith("_guards")
 
 
 def format_program(program: Program) -> str:

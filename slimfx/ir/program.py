@@ -139,6 +139,12 @@ class Program:
     __str__ = print
 
 
+def is_input_guard(node: fx.Node) -> bool:
+    """export's ``_guards_fn`` call: a check of the inputs' sizes, not part of the computation (interpreters that
+    run other batch sizes than the example skip it)."""
+    return node.op == "call_module" and not node.users
+
+
 def fetch_attr(module: torch.nn.Module, target: str) -> Any:
     value: Any = module
     for atom in target.split("."):

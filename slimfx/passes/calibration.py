@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import CalibrationError
 from ..ir.op_table import weighted_op
-from ..ir.program import Program
+from ..ir.program import Program, is_input_guard
 
 
 @dataclass
@@ -61,7 +61,7 @@ class _Collector(fx.Interpreter):
         self.program, self.stats = program, stats
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_module" and not n.users:
+        if is_input_guard(n):
             return None  # export's shape guard: calibration batches may be larger than the example (e.g. batch 1)
         op = weighted_op(n)
         if op is not None and self.program.is_weight(n.args[1]):

@@ -91,28 +91,37 @@ def solve(merged: Table, importance: Table, kept_activation_s: Sequence[float], 
         raise BudgetError(f"the latency budget {budget_s * 1e6:.1f} us is below the lowest achievable "
                           f"{lowest * 1e6:.1f} us (every removable activation removed)", lowest)
     total = sum(v for row in importance for v in row if math.isfinite(v))
-    unit = total / resolution if total > 0 else 1.0
+    unit = total / resolution or 1.0  # (a total so small that the step underflows: every error is one level)
+
+    levels = resolution + n + 1  # each block rounds up by less than one step: every plan has a column
 
     def steps(i: int, j: int) -> int:
-        return min(math.ceil(importance[i][j] / unit - 1e-9), resolution + 1)
+        return math.ceil(importance[i][j] / unit - 1e-9)
 
-    fastest = np.full((n + 1, resolution + 2), INF)  # fastest[j, e]: least latency up to boundary j, error <= e
+    fastest = np.full((n + 1, levels), INF)  # fastest[j, e]: least latency up to boundary j, error <= e
     fastest[0, :] = 0.0
-    choice = np.full((n + 1, resolution + 2), -1, dtype=np.int64)
+    choice = np.full((n + 1, levels), -1, dtype=np.int64)
     for j in range(1, n + 1):
         for i in range(j):
             if not math.isfinite(allowed[i][j]):
                 continue
             e = steps(i, j)
-            candidate = np.full(resolution + 2, INF)
-            candidate[e:] = fastest[i, : resolution + 2 - e] + allowed[i][j]
+            if e >= levels:
+                continue
+            candidate = np.full(levels, INF)
+            candidate[e:] = fastest[i, : levels - e] + allowed[i][j]
             better = candidate < fastest[j]
             fastest[j, better] = candidate[better]
             choice[j, better] = i
-    level = int(np.argmax(fastest[n] <= budget_s * (1 + 1e-12)))  # the least error level that fits
+    fits = np.flatnonzero(fastest[n] <= budget_s * (1 + 1e-12))
+    if not len(fits):  # cannot happen when the shortest path fits; kept as a guard against a silent wrong plan
+        raise BudgetError(f"no plan fits {budget_s * 1e6:.1f} us; the lowest achievable is {lowest * 1e6:.1f} us",
+                          lowest)
+    level = int(fits[0])  # the least error that fits
     blocks, j = [], n
     while j > 0:
         i = int(choice[j, level])
+        assert i >= 0, "depth DP backtracking reached an unset cell"
         level -= steps(i, j)
         blocks.append(Block(i, j, runs[i][j], float(importance[i][j]), allowed[i][j]))
         j = i

@@ -26,7 +26,7 @@ from ..hw_profiles.op_costs import concrete, dtype_name, node_kernels, numel, sh
 from ..ir.fake_prop import refresh_metadata
 from ..ir.program import CONV2D, LINEAR, Program
 from .base import Pass, PassContext, register
-from .depth_spans import compose, ungrouped
+from .depth_spans import add_merged_layer, compose, ungrouped
 
 
 def _single_weight_use(program: Program, layer: fx.Node) -> bool:
@@ -78,9 +78,12 @@ def _replay(program: Program, ops: list[fx.Node], x: fx.Node, width: int) -> fx.
     for op in reversed(ops):
         args = list(op.args)
         args[0] = x
-        if op.target in _RESHAPES and args[1][-1] != -1:
-            args[1] = [*args[1][:-1], width]
-        x = program.graph.call_function(op.target, tuple(args))
+        target = op.target
+        if target in _RESHAPES:  # x may not be contiguous where the original view's input was
+            target = aten.reshape.default
+            if args[1][-1] != -1:
+                args[1] = [*args[1][:-1], width]
+        x = program.graph.call_function(target, tuple(args))
     return x
 
 
@@ -134,7 +137,7 @@ def merge_linear(program: Program, second: fx.Node, profile=None) -> Merged | st
         return slower
     weight, bias = compose("linear", w1, b1, w2, b2)
     x = _replay(program, shape_ops, first.args[0], k)
-    return _replace(program, first, second, weight, bias, lambda w, b: (x, w, b)), [*shape_ops, first]
+    return add_merged_layer(program, [first, second], weight, bias, lambda w, b: (x, w, b)), [*shape_ops, first]
 
 
 def merge_conv(program: Program, second: fx.Node, profile=None) -> Merged | str | None:
@@ -172,7 +175,7 @@ def merge_conv(program: Program, second: fx.Node, profile=None) -> Merged | str 
         if slower:
             return slower
     composite, bias = compose("conv", w1, b1, w2, b2)
-    return _replace(program, first, second, composite, bias,
+    return add_merged_layer(program, [first, second], composite, bias,
                     lambda w, b: (first.args[0], w, b, list(stride2), list(pad1), [1, 1], 1)), first
 
 
@@ -194,26 +197,14 @@ def fold_residual(program: Program, add: fx.Node, profile=None) -> Merged | str 
             or kh % 2 == 0 or kw % 2 == 0 or list(padding) != [kh // 2, kw // 2]:
         return "the residual's shape differs from the conv's output, or the conv is strided, dilated or grouped"
     identity = torch.zeros_like(weight)
-    identity[torch.arange(cout), torch.arange(cout), kh // 2, kw // 2] = 1
+    channels = torch.arange(cout, device=weight.device)
+    identity[channels, channels, kh // 2, kw // 2] = 1
     origin = program.weights[conv.args[1].target].origin
     new_weight = program.add_weight(f"{origin}_residual", weight + identity, origin, "depth-merge",
                                     "residual identity folded in (centred delta kernel)")
     args = list(conv.args)
     args[1] = new_weight
     return program.graph.call_function(CONV2D, tuple(args)), conv
-
-
-def _replace(program: Program, first: fx.Node, second: fx.Node, weight: torch.Tensor, bias, build) -> fx.Node:
-    like = program.tensor(second.args[1])
-    origin = program.weights[second.args[1].target].origin
-    first_origin = program.weights[first.args[1].target].origin
-    note = f"merged with {first_origin}"
-    w = program.add_weight(f"{origin}_merged", weight.to(like.dtype), origin, "depth-merge", note)
-    b = None
-    if bias is not None:
-        b = program.add_weight(f"{origin}_merged_bias", torch.as_tensor(bias).to(like.dtype), origin, "depth-merge",
-                               note)
-    return program.graph.call_function(second.target, build(w, b))
 
 
 MERGES = {LINEAR: merge_linear, CONV2D: merge_conv, torch.ops.aten.add.Tensor: fold_residual}
@@ -292,6 +283,6 @@ class DepthMerge(Pass):
         plan = shrink.plan(self.latency)
         rest = shrink.total_s - shrink.dense_chain_s
         ctx.note(f"depth-merge: planned {(rest + plan.latency_s) / shrink.total_s:.3f}x dense latency on "
-                 f"{shrink.profile.name if self.tables == 'profile' else 'this device (measured)'} "
+                 f"{shrink.target} "
                  f"(budget {self.latency:g}x), predicted output error {plan.error ** 0.5:.4f} before distillation")
         shrink.apply(plan, self.steps, self.lr, counts)

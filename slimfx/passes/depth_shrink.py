@@ -31,7 +31,8 @@ from ..ir.fake_prop import refresh_metadata
 from ..ir.program import CONV2D, Program
 from .calibration import ActivationStats, calibration_inputs
 from .depth_dp import INF, DepthPlan, fastest_runs, solve
-from .depth_spans import Chain, find_chains, merged_args, merged_kernels, merged_weights, moved_padding, run_mergeable
+from .depth_spans import (Chain, add_merged_layer, find_chains, grows, merged_args, merged_kernels, merged_weights,
+                          moved_padding, run_mergeable)
 from .distill import distill, output_error, outputs_on
 from .manager import exact_tolerance
 
@@ -148,7 +149,7 @@ class DepthShrink:
             raise CalibrationError("depth-merge{latency=...} runs the model on calibration batches, which needs a "
                                    "captured model (slimfx.compress); under torch.compile use exact merges only")
         self.program, self.ctx = program, ctx
-        self.profile = ctx.profile or _local_profile()
+        self.profile = (ctx.profile or _local_profile()) if tables == "profile" else None
         self.timer = _Timer(program, self.profile, tables)
         self.batches = calibration_inputs(program, ctx.calibration)
         self.reference = outputs_on(program, self.batches)
@@ -160,8 +161,9 @@ class DepthShrink:
         merged = [[INF] * (n + 1) for _ in range(n + 1)]
         for i in range(n):
             for j in range(i + 1, n + 1):
-                if layout.same_chain(i, j) and run_mergeable(layout.layers[i:j]) is None:
-                    merged[i][j] = self.timer.run(layout.layers[i:j])
+                run = layout.layers[i:j]
+                if layout.same_chain(i, j) and run_mergeable(run) is None and not grows(run):
+                    merged[i][j] = self.timer.run(run)
         self.merged = merged
         self.kept = [self.timer.activation(a) for a in layout.activation_at]
         _, self.runs = fastest_runs(merged)
@@ -178,10 +180,13 @@ class DepthShrink:
     def _program_latency(self) -> float:
         if self.timer.tables == "profile":
             return program_cost(self.program.graph, self.profile).total_s
-        inputs = self.batches[0]
-        gm = self.program.gm
-        with torch.no_grad():
-            return measure(lambda: gm(*inputs), inputs[0].device.type if inputs else "cpu", 0.02, 3)
+        device = next((w.device.type for w in self.program.gm.buffers()), "cpu")
+        with torch.no_grad():  # at the example's sizes, like every layer's timing
+            return measure(self.program.run_example, device, 0.02, 3)
+
+    @property
+    def target(self) -> str:
+        return self.profile.name if self.profile is not None else "this device (measured)"
 
     def candidates(self) -> list[SpanCandidate]:
         layout, n, out = self.layout, len(self.layout.layers), []
@@ -205,7 +210,7 @@ class DepthShrink:
         except BudgetError as exc:
             lowest = (rest + exc.best) / self.total_s
             raise BudgetError(
-                f"depth-merge{{latency={latency:g}}} cannot be met on {self.profile.name}: the lowest achievable "
+                f"depth-merge{{latency={latency:g}}} cannot be met on {self.target}: the lowest achievable "
                 f"latency is {lowest:.3f}x dense ({(rest + exc.best) * 1e6:.1f} us of {self.total_s * 1e6:.1f} us, "
                 f"every removable activation removed); raise latency to at least {lowest:.3f}", lowest) from exc
 
@@ -246,21 +251,14 @@ class DepthShrink:
 
     def _merge(self, run: list[fx.Node]) -> None:
         program, last = self.program, run[-1]
-        like = program.tensor(last.args[1])
-        info = program.weights[last.args[1].target]
-        names = [program.weights[layer.args[1].target].origin for layer in run]
         weight, bias = merged_weights(program, run)
-        note = f"merged from {', '.join(names)}"
         with program.graph.inserting_before(last):
-            w = program.add_weight(f"{info.origin}_merged", weight.to(like.dtype), info.origin, "depth-merge", note)
-            b = None if bias is None else program.add_weight(f"{info.origin}_merged_bias", bias.to(like.dtype),
-                                                             info.origin, "depth-merge", note)
-            merged = program.graph.call_function(last.target, merged_args(run, w, b))
-        program.annotations(merged)["merged"] = tuple(names)
+            merged = add_merged_layer(program, run, weight, bias, lambda w, b: merged_args(run, w, b))
         last.replace_all_uses_with(merged)
         for layer in reversed(run):
             program.graph.erase_node(layer)
-        self.ctx.note(f"depth-merge: {info.origin}: {note}")
+        info = program.weights[merged.args[1].target]
+        self.ctx.note(f"depth-merge: {info.origin}: {info.note}")
 
 
 def _local_profile() -> Profile:

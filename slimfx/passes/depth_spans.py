@@ -20,12 +20,9 @@ import torch.nn.functional as F
 
 from ..hw_profiles.cost_model import Kernel, conv2d, dense_linear
 from ..hw_profiles.op_costs import dtype_name, node_kernels, numel, shape
+from ..ir.op_table import ACTIVATIONS, op_name
 from ..ir.program import CONV2D, LINEAR, Program
 
-aten = torch.ops.aten
-ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
-               aten.gelu.default, aten.silu.default, aten.silu_.default, aten.hardswish.default,
-               aten.hardswish_.default, aten.leaky_relu.default, aten.elu.default, aten.mish.default}
 
 
 @dataclass
@@ -50,7 +47,7 @@ def find_chains(program: Program) -> list[Chain]:
     """Every chain of two or more layers, in graph order."""
     flow = nx.DiGraph()
     for node in program.graph.nodes:
-        is_act = node.op == "call_function" and node.target in ACTIVATIONS
+        is_act = op_name(node) in ACTIVATIONS
         if is_act or _is_layer(program, node):
             flow.add_node(node, layer=not is_act)
     for node in list(flow.nodes):
@@ -81,7 +78,7 @@ def find_chains(program: Program) -> list[Chain]:
 
 def run_mergeable(run: list[fx.Node]) -> str | None:
     """Why this run cannot become one layer, or None."""
-    if run[0].target == LINEAR:
+    if run[0].target == LINEAR or len(run) == 1:
         return None
     for conv in run:
         if list(conv.args[5]) != [1, 1]:
@@ -149,6 +146,40 @@ def merged_args(run: list[fx.Node], weight: fx.Node, bias: fx.Node | None) -> tu
         return (first.args[0], weight, bias)
     padding = [sum(c.args[4][d] for c in run) for d in (0, 1)]
     return (first.args[0], weight, bias, list(last.args[3]), padding, [1, 1], 1)
+
+
+def _numel(node: fx.Node) -> int:
+    return node.meta["val"].numel()
+
+
+def grows(run: list[fx.Node]) -> bool:
+    """Whether the merged layer would hold more weights than the run does (an expand 1×1 and a depthwise conv
+    become a dense conv): the pass must not make the model bigger."""
+    if len(run) == 1:
+        return False
+    first, last = run[0], run[-1]
+    out_f, in_f = last.args[1].meta["val"].shape[0], first.args[1].meta["val"].shape[1] * (
+        first.args[6] if first.target == CONV2D else 1)
+    kh = kw = 1
+    if first.target == CONV2D:
+        kh = sum(c.args[1].meta["val"].shape[2] - 1 for c in run) + 1
+        kw = sum(c.args[1].meta["val"].shape[3] - 1 for c in run) + 1
+    return out_f * in_f * kh * kw > sum(_numel(layer.args[1]) for layer in run)
+
+
+def add_merged_layer(program: Program, run: list[fx.Node], weight: torch.Tensor, bias, build) -> fx.Node:
+    """A new layer (of the run's kind, at the insert point) with the merged weight and bias in the dtype of the
+    last layer's weight; ``build(weight_node, bias_node)`` gives its arguments."""
+    last = run[-1]
+    like = program.tensor(last.args[1])
+    origin = program.weights[last.args[1].target].origin
+    note = "merged with " + ", ".join(program.weights[layer.args[1].target].origin for layer in run[:-1])
+    w = program.add_weight(f"{origin}_merged", weight.to(like.dtype), origin, "depth-merge", note)
+    b = None
+    if bias is not None:
+        b = program.add_weight(f"{origin}_merged_bias", bias.to(like.dtype), origin, "depth-merge",
+                               note)
+    return program.graph.call_function(last.target, build(w, b))
 
 
 def merged_kernels(run: list[fx.Node]) -> list[Kernel]:

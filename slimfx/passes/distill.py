@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..ir.program import Program, fetch_attr
+from ..ir.program import Program, fetch_attr, is_input_guard
 
 Override = Callable[[fx.Node, tuple, dict], Any]  # (node, its args, its kwargs) -> its value
 
@@ -25,8 +25,8 @@ class _Runner(fx.Interpreter):
         self.overrides = overrides or {}
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_module" and not n.users:
-            return None  # export's shape guard: calibration batches may be larger than the example
+        if is_input_guard(n):
+            return None  # calibration batches may be larger than the example
         if n in self.overrides:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             return self.overrides[n](n, args, kwargs)
@@ -58,10 +58,20 @@ def output_error(program: Program, batches: list, reference: list,
 
 
 def trainable_weights(program: Program) -> list[str]:
-    """The get_attr targets a distillation may train: trained (not buffer or constant) floating-point weights."""
-    used = {n.target for n in program.graph.nodes if program.is_weight(n)}
-    return [t for t in program.weights if t in used and program.weights[t].compressible
-            and fetch_attr(program.gm, t).is_floating_point()]
+    """The get_attr targets a distillation may train: trained (not buffer or constant) floating-point weights
+    that no earlier pass constrained (a mask, factors, codes) and that only aten ops read (slimfx's compressed
+    ops have no autograd formula)."""
+    out = []
+    for node in program.graph.nodes:
+        if not program.is_weight(node) or node.target in out:
+            continue
+        info = program.weights[node.target]
+        readers_differentiable = all(isinstance(u.target, torch._ops.OpOverload) and u.target.namespace == "aten"
+                                     for u in node.users)
+        if info.compressible and not info.constraints and readers_differentiable \
+                and fetch_attr(program.gm, node.target).is_floating_point():
+            out.append(node.target)
+    return out
 
 
 def distill(program: Program, batches: list, reference: list, steps: int = 300, lr: float = 1e-3,
@@ -74,7 +84,8 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
         return before, before
     originals = {t: fetch_attr(program.gm, t) for t in targets}
     # float32 master copies (Adam's state and small updates underflow in half precision), cast on every step
-    params = {t: value.detach().float().clone().requires_grad_(True) for t, value in originals.items()}
+    params = {t: value.detach().to(torch.promote_types(value.dtype, torch.float32)).clone().requires_grad_(True)
+              for t, value in originals.items()}
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     energy = [sum(y.double().pow(2).mean().item() for y in ref) or 1.0 for ref in reference]
     with torch.enable_grad():

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..ir.op_table import ACTIVATIONS
 from ..ir.program import LINEAR, Program
 
 # elementwise ops that commute with a channel permutation
-_ELEMENTWISE = {"relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "leaky_relu", "dropout", "clone", "mish",
-                "elu", "relu_"}
+_ELEMENTWISE = ACTIVATIONS | {"dropout", "clone"}
 
 
 def producer_of(program: Program, consumer: fx.Node) -> fx.Node | None:

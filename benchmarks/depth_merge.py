@@ -56,7 +56,7 @@ def shrink(budgets=(0.85, 0.7)) -> None:
         acc, loss = evaluate(m, data.test_x, data.test_y)
         convs = sum(isinstance(mod, torch.nn.Conv2d) for mod in model.modules()) if m is model else sum(
             n.target == torch.ops.aten.conv2d.default for n in m.program.graph.nodes)
-        merge = None if m is model else m.report.passes[-1]  # predicted against the BN-folded model (compiled
+        merge = None if m is model else m.report.passes[1]  # predicted against the BN-folded model (compiled
         predicted = 1.0 if merge is None else merge.latency_after_s / merge.latency_before_s  # BN folds anyway)
         print(f"{name:<14} {acc:>9.2%} {loss:>8.4f} {convs:>6} {predicted:>9.2f}x "
               f"{timings[name].median_s / base:>8.2f}x  ({timings[name]})")

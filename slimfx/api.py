@@ -58,14 +58,17 @@ def compress(
     check: bool = True,
     dynamic: bool = True,
     on_pass: Callable | None = None,
+    lower: bool = True,
 ) -> CompressedModule:
     """Compress ``model`` with ``pipeline`` (text like ``"fold-bn,factorize{keep=0.5}"`` or Pass objects).
 
     The user's model is not modified. ``calibration`` is an iterable of batches, each a full set of model
     inputs (a tuple, or a dict of keyword inputs). ``report.final_rel_error`` is the output error against the
     original model on the example inputs; above ``BROKEN_ERROR`` a warning names the layers most to blame.
+    The pipeline ends with the ``lower`` stage (kernels for ``profile``'s device) unless it names it itself, or
+    ``lower=False`` keeps the canonical compressed ops (to inspect them, or to save a target-neutral model).
     """
-    manager = PassManager(pipeline, check=check, on_pass=on_pass)  # fail fast on a bad pipeline
+    manager = PassManager(pipeline, check=check, on_pass=on_pass, lower=lower)  # fail fast on a bad pipeline
     ctx = PassContext(profile=resolve_profile(profile), calibration=calibration)
     check_calibration(calibration, "slimfx.compress")
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})

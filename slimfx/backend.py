@@ -28,6 +28,7 @@ class BackendOptions:
     profile: Any = None
     calibration: Any = None
     inductor: bool = True  # False: run the rewritten graph as is (eager), e.g. to debug a pass
+    lower: bool = True  # end the pipeline with the lower stage (kernels for the profile's device)
     check: bool = False  # compare each pass against the original on the first call's inputs
     report: Report | None = None  # pass a Report to collect what happened to every subgraph
     on_pass: Callable | None = field(default=None, repr=False)
@@ -63,7 +64,7 @@ def slimfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
     from .hw_profiles.profiles import resolve_profile
 
     ctx = PassContext(profile=resolve_profile(opts.profile), calibration=opts.calibration)
-    manager = PassManager(opts.pipeline, check=opts.check, on_pass=opts.on_pass)
+    manager = PassManager(opts.pipeline, check=opts.check, on_pass=opts.on_pass, lower=opts.lower)
     inputs = [_concrete(v) for v in example_inputs]
     try:
         program = from_dynamo(gm, inputs)

@@ -138,9 +138,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(program.print())
 
     result = compress(model, example, pipeline=args.pipeline, profile=args.profile, calibration=_calibration(data),
-                      on_pass=show)
+                      on_pass=None if args.kernels else show)
     print()
     print(result.report.summary())
+    if args.kernels:
+        from pathlib import Path
+
+        from .codegen.explain import kernel_table
+
+        print()
+        print(kernel_table(result.program, None if args.kernels == "-" else Path(args.kernels)))
     return 0
 
 
@@ -230,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="print the IR after capture and after every pass")
     p.add_argument("model", help="built-in model or package.module:factory")
     model_args(p, DEMO_PIPELINE)
+    p.add_argument("--kernels", nargs="?", const="-", default=None, metavar="DIR",
+                   help="print the kernel each compressed layer lowers to and the generated Triton source "
+                        "(with DIR: write the sources there)")
     p.set_defaults(fn=cmd_explain)
 
     p = sub.add_parser("demo", help="train a small model on real data, compress it, and compare accuracy")

@@ -43,3 +43,17 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 15, min_time
                 fns[name]()
             samples[name].append((time.perf_counter() - start) / calls[name])
     return {n: Timing(statistics.median(s), min(s), max(s), rounds) for n, s in samples.items()}
+
+
+def random_like(node) -> "torch.Tensor":
+    """A random tensor shaped like an fx node's value at its example sizes (for timing a piece of a graph)."""
+    import torch
+
+    from .hw_profiles.op_costs import concrete, size_hints
+
+    value = node.meta["val"]
+    hints = size_hints(node.graph)
+    dims = [int(concrete(d.node.expr, hints)) if isinstance(d, torch.SymInt) else int(d) for d in value.shape]
+    if value.is_floating_point():
+        return torch.randn(dims, dtype=value.dtype, device=value.device)
+    return torch.zeros(dims, dtype=value.dtype, device=value.device)

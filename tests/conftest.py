@@ -7,8 +7,12 @@ import tempfile
 import pytest
 import torch
 
-from slimfx.errors import SlimfxError
-from slimfx.passes import Pass
+if not torch.cuda.is_available():  # Triton's interpreter must be on before triton is imported; kernel tests opt in
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("SLIMFX_CPU_KERNELS", "0")
+
+from slimfx.errors import SlimfxError  # noqa: E402
+from slimfx.passes import Pass  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(2)

@@ -159,3 +159,10 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def count_modules(model: nn.Module, kind: type) -> int:
     return sum(isinstance(m, kind) for m in model.modules())
+
+
+def compress_canonical(*args, **kwargs):
+    """slimfx.compress without the lower stage: the canonical compressed ops stay, for tests that inspect them."""
+    import slimfx
+
+    return slimfx.compress(*args, lower=False, **kwargs)

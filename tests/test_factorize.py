@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import hf_models
 
 import slimfx
+from nets import compress_canonical
 from slimfx.errors import CalibrationError, PipelineError
 from slimfx.hw_profiles import load_profile
 from slimfx.ir import CONV2D, LINEAR
@@ -55,7 +56,7 @@ def test_exact_at_the_true_rank():
     # each conv is low-rank in one view only: channel-low-rank `conv`, spatially separable `sep`
     for conv, exclude, expected in (("channel", "sep", {"linear": 1, "conv-channel": 1, "skipped-grouped-conv": 1}),
                                     ("spatial", "^conv", {"linear": 1, "conv-spatial": 1, "skipped-grouped-conv": 1})):
-        result = slimfx.compress(model, (x, feats),
+        result = compress_canonical(model, (x, feats),
                                  pipeline=f"factorize{{method=svd,rank=4,conv={conv},exclude={exclude}}}")
         assert result.report.rewrites("factorize") == expected
         assert result.report.final_rel_error < 1e-5
@@ -125,7 +126,7 @@ def test_whitened_beats_plain_svd_on_a_trained_conv_net(digits_cnn):
 
 def test_conv_net_counts_and_annotations(digits_cnn):
     model, data = digits_cnn
-    result = slimfx.compress(model, (data.test_x[:32],), calibration=calibration(data, 2),
+    result = compress_canonical(model, (data.test_x[:32],), calibration=calibration(data, 2),
                              pipeline="fold-bn,factorize{keep=0.5,exclude=fc2}")
     assert result.report.rewrites("factorize") == {"conv-channel": 2, "linear": 1}
     assert result.report.params_after < 0.6 * result.report.params_before
@@ -135,7 +136,7 @@ def test_conv_net_counts_and_annotations(digits_cnn):
 
 def test_ranks_are_rounded_to_the_profile_multiple(digits_mlp):
     model, data = digits_mlp
-    result = slimfx.compress(model, (data.test_x[:256],), calibration=calibration(data, 2), profile="cpu-generic",
+    result = compress_canonical(model, (data.test_x[:256],), calibration=calibration(data, 2), profile="cpu-generic",
                              pipeline="factorize{keep=0.3,exclude=fc3}")
     ranks = [n.meta["slimfx"]["rank"] for n in result.program.graph.nodes if "slimfx" in n.meta]
     assert ranks and all(r % 8 == 0 for r in ranks)
@@ -143,15 +144,16 @@ def test_ranks_are_rounded_to_the_profile_multiple(digits_mlp):
 
 def test_profile_gates_ranks_that_would_be_slower(digits_mlp):
     model, data = digits_mlp
-    # H100 at batch 1: these layers are tiny, a second kernel launch costs more than the bytes saved
-    gated = slimfx.compress(model, (data.test_x[:1],), calibration=calibration(data, 2), profile="h100",
-                            pipeline="factorize{keep=0.3}", dynamic=False)
+    # the CPU at batch 1: these layers are tiny, a second GEMM call costs more than the multiply-adds saved (on a
+    # GPU the fused low-rank kernel makes one launch of it, so there it pays: tested in test_codegen)
+    gated = compress_canonical(model, (data.test_x[:1],), calibration=calibration(data, 2), profile="cpu-generic",
+                               pipeline="factorize{keep=0.8}", dynamic=False)
     assert gated.report.rewrites("factorize") == {"skipped-slower-on-profile": 3}
     assert sum(s.reason == "slower-on-profile" for s in gated.report.skipped) == 3
     assert "factorize: 3 layers left as they were: slower-on-profile: fc1.weight" in gated.report.summary()
     assert gated.report.latency_after_s == gated.report.latency_before_s
     # the same pass at batch 512 on the calibrated-style CPU profile does pay, and is applied
-    applied = slimfx.compress(model, (data.test_x[:512],), calibration=calibration(data, 2), profile="cpu-generic",
+    applied = compress_canonical(model, (data.test_x[:512],), calibration=calibration(data, 2), profile="cpu-generic",
                               pipeline="factorize{keep=0.3,exclude=fc3}", dynamic=False)
     assert applied.report.rewrites("factorize") == {"linear": 2}
     assert applied.report.latency_after_s < applied.report.latency_before_s
@@ -222,7 +224,7 @@ def test_calibration_errors(digits_mlp):
 
 def test_energy_option_bounds_each_layers_predicted_error(digits_transformer):
     model, data = digits_transformer
-    result = slimfx.compress(model, (data.test_x[:32],), calibration=calibration(data, 2),
+    result = compress_canonical(model, (data.test_x[:32],), calibration=calibration(data, 2),
                              pipeline="factorize{energy=0.95,exclude=head|embed}")
     notes = [n.meta["slimfx"] for n in result.program.graph.nodes if "slimfx" in n.meta]
     assert notes and all(n["pred_err"] <= (1 - 0.95) ** 0.5 + 1e-4 for n in notes)

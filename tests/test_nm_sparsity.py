@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import slimfx
+from nets import compress_canonical
 from slimfx.errors import CalibrationError, PipelineError
 from slimfx.hw_profiles import load_profile, latency
 from slimfx.hw_profiles.cost_model import dense_linear, nm_linear
@@ -38,7 +39,7 @@ def pruned_weights(program):
 @pytest.mark.parametrize("layout", ["compressed", "dense"])
 def test_every_group_satisfies_the_pattern(digits_mlp, n, m, layout):
     model, data = digits_mlp
-    result = slimfx.compress(model, (data.test_x[:16],), calibration=calibration(data, 2),
+    result = compress_canonical(model, (data.test_x[:16],), calibration=calibration(data, 2),
                              pipeline=f"nm{{n={n},m={m},method=sparsegpt,layout={layout}}}")
     weights = pruned_weights(result.program)
     assert len(weights) == 3 and result.report.rewrites("nm") == {layout: 3}
@@ -76,7 +77,7 @@ def _losses(model, data, methods=("magnitude", "wanda", "sparsegpt"), seed=None)
         batches = [(data.train_x[order[i : i + 128]],) for i in range(0, 1024, 128)]
     losses = {}
     for method in methods:
-        result = slimfx.compress(model, (data.test_x[:32],), calibration=batches, pipeline=f"nm{{method={method}}}")
+        result = compress_canonical(model, (data.test_x[:32],), calibration=batches, pipeline=f"nm{{method={method}}}")
         losses[method] = evaluate(result, data.test_x, data.test_y)[1]
         assert all(satisfies_pattern(w, 2, 4) for w, _, _ in pruned_weights(result.program))
     return losses
@@ -122,16 +123,16 @@ def test_profile_keeps_dense_layout_where_the_sparse_kernel_would_not_pay(digits
 
 def test_exclusions_and_widths(digits_transformer):
     model, data = digits_transformer
-    result = slimfx.compress(model, (data.test_x[:16],), pipeline="nm{method=magnitude,exclude=head,skip_first=true}")
+    result = compress_canonical(model, (data.test_x[:16],), pipeline="nm{method=magnitude,exclude=head,skip_first=true}")
     pruned = {n.meta.get("slimfx", {}).get("nm") for n in result.program.graph.nodes}
     assert result.report.rewrites("nm") == {"compressed": 8}  # embed (first) and head excluded
     assert "2:4" in pruned
     odd = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
-    report = slimfx.compress(odd, (torch.randn(2, 6),), pipeline="nm{method=magnitude}").report
+    report = compress_canonical(odd, (torch.randn(2, 6),), pipeline="nm{method=magnitude}").report
     assert report.rewrites("nm") == {"skipped-width": 1, "compressed": 1}
     assert [s.reason for s in report.skipped] == ["6 input features are not a multiple of m=4"]
     with pytest.raises(PipelineError, match="m=4 does not divide"):
-        slimfx.compress(odd, (torch.randn(2, 6),), pipeline="nm{method=magnitude,only=^0}")
+        compress_canonical(odd, (torch.randn(2, 6),), pipeline="nm{method=magnitude,only=^0}")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -200,6 +201,6 @@ def test_permutation_is_folded_exactly_and_keeps_more_saliency(digits_mlp):
         old = kept_saliency(before[origin].abs() * norm, 2, 4)
         new = kept_saliency(program.tensor(node.args[1]).detach().abs() * permuted[node].gram.diagonal().sqrt().float(), 2, 4)
         assert new > old
-    result = slimfx.compress(model, (x,), calibration=calibration(data, 2), pipeline="nm{method=magnitude,permute=true}")
+    result = compress_canonical(model, (x,), calibration=calibration(data, 2), pipeline="nm{method=magnitude,permute=true}")
     assert result.report.rewrites("nm") == {"permuted": 2, "compressed": 3}
     assert all(satisfies_pattern(w, 2, 4) for w, _, _ in pruned_weights(result.program))

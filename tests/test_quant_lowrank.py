@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import slimfx
+from nets import compress_canonical
 from slimfx.errors import CalibrationError, PipelineError
 from slimfx.ir.ops import QUANT_LINEAR
 from slimfx.ir.quant_format import BITS, GroupParams, dequantize, group_params, pack, quantize_with, unpack
@@ -37,7 +38,7 @@ def test_round_to_nearest_error_is_at_most_half_a_step(symmetric):
 def test_int3_group64_takes_at_most_035_of_the_dense_bytes_with_its_correction():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 512)).eval()
-    result = slimfx.compress(model, (torch.randn(4, 512),), pipeline="quant-lowrank{bits=3,group=64,rank=16,correction=alternate}")
+    result = compress_canonical(model, (torch.randn(4, 512),), pipeline="quant-lowrank{bits=3,group=64,rank=16,correction=alternate}")
     assert result.report.rewrites("quant-lowrank") == {"quantized": 2}
     weights = sum(p.numel() * 4 for n, p in model.named_parameters() if n.endswith("weight"))
     biases = sum(p.numel() * 4 for n, p in model.named_parameters() if n.endswith("bias"))
@@ -167,12 +168,12 @@ def test_act_order_plans_the_backend_and_save_load(digits_mlp, tmp_path):
 
     model, data = digits_mlp
     x, batches = data.test_x[:16], calibration(data, 2)
-    rtn = slimfx.compress(model, (x,), calibration=batches, pipeline="quant-lowrank{bits=3,group=32,rank=0}")
-    act = slimfx.compress(model, (x,), calibration=batches,
+    rtn = compress_canonical(model, (x,), calibration=batches, pipeline="quant-lowrank{bits=3,group=32,rank=0}")
+    act = compress_canonical(model, (x,), calibration=batches,
                           pipeline="quant-lowrank{bits=3,group=32,rank=0,quantizer=gptq,act_order=true}")
     assert act.report.final_rel_error < rtn.report.final_rel_error
 
-    planned = slimfx.compress(model, (x,), calibration=batches, pipeline=QuantLowRank(
+    planned = compress_canonical(model, (x,), calibration=batches, pipeline=QuantLowRank(
         plan={"fc1.weight": (8, 64, 0), "fc2.weight": (2, 32, 8), "fc3.weight": (4, 32, 4)}, correction="eora"))
     chosen = {n.meta["slimfx"]["bits"]: (n.meta["slimfx"]["group"], n.meta["slimfx"]["rank"])
               for n in planned.program.graph.nodes if n.target == QUANT_LINEAR}

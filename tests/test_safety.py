@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from nets import SmallResNet, randomize_bn
+from nets import SmallResNet, compress_canonical, randomize_bn
 
 import slimfx
 from slimfx.errors import VerificationError
@@ -107,7 +107,7 @@ class _TwiceApplied(nn.Module):
 def test_a_layer_applied_twice_is_compressed_once_for_both_uses(pipeline, op, kind):
     torch.manual_seed(0)
     model = _TwiceApplied().eval()
-    result = slimfx.compress(model, (torch.randn(4, 16),), pipeline=pipeline)
+    result = compress_canonical(model, (torch.randn(4, 16),), pipeline=pipeline)
     uses = [n for n in result.program.graph.nodes if n.target == op]
     assert len(uses) == 2 and all(a is b for a, b in zip(uses[0].args[1:3], uses[1].args[1:3]))
     assert result.report.rewrites(pipeline.split("{")[0]) == {kind: 1}  # one decision

@@ -35,6 +35,7 @@ from .depth_spans import (Chain, add_merged_layer, find_chains, grows, merged_ar
                           moved_padding, run_mergeable)
 from .distill import distill, output_error, outputs_on
 from .manager import exact_tolerance
+from ..timing import random_like
 
 Tables = Literal["profile", "measure"]
 
@@ -86,7 +87,7 @@ class _Timer:
     def run(self, run: list[fx.Node]) -> float:
         if self.tables == "profile":
             return concrete(kernels_latency(merged_kernels(run), self.profile), self.hints)
-        x = _example_like(run[0].args[0])
+        x = random_like(run[0].args[0])
         if len(run) == 1:
             weight, bias, args = self.program.tensor(run[0].args[1]), None, run[0].args[3:]
         else:
@@ -103,16 +104,9 @@ class _Timer:
             return 0.0
         if self.tables == "profile":
             return concrete(kernels_latency(node_kernels(node), self.profile), self.hints)
-        x = _example_like(node.args[0])
+        x = random_like(node.args[0])
         with torch.no_grad():
             return measure(lambda: node.target(x, *node.args[1:], **node.kwargs), x.device.type, 0.01, 3)
-
-
-def _example_like(node: fx.Node) -> torch.Tensor:
-    value = node.meta["val"]
-    hints = size_hints(node.graph)
-    dims = [int(concrete(d.node.expr, hints)) if isinstance(d, torch.SymInt) else int(d) for d in value.shape]
-    return torch.randn(dims, dtype=value.dtype, device=value.device)
 
 
 def _identity(node: fx.Node, args: tuple, kwargs: dict):

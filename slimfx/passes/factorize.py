@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ..errors import PipelineError
 from ..hw_profiles.cost_model import conv2d as conv_kernels
+from ..codegen.lowrank import MAX_RANK
 from ..hw_profiles.cost_model import dense_linear, latency, lowrank_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.op_table import DENSE_LAYERS
@@ -201,7 +202,8 @@ class Factorize(Pass):
             out_f, in_f = shape(node.args[1])
             rows = numel(shape(x)[:-1])
             dense = latency(dense_linear(rows, out_f, in_f, size, dtype), profile)
-            factored = latency(lowrank_linear(rows, out_f, in_f, rank, size, dtype), profile)
+            fused = profile.device == "cuda" and rank <= MAX_RANK  # what `lower` will run it as there
+            factored = latency(lowrank_linear(rows, out_f, in_f, rank, size, dtype, fused=fused), profile)
         else:
             batch, cin, h_in, w_in = shape(x)
             cout, _, kh, kw = shape(node.args[1])

@@ -155,8 +155,10 @@ class PassManager:
     """
 
     def __init__(self, pipeline: PipelineSpec, *, check: bool = True, exact_rtol: float = 1e-5,
-                 on_pass: Callable[[Pass, Program], None] | None = None):
+                 on_pass: Callable[[Pass, Program], None] | None = None, lower: bool = False):
         self.passes = parse_pipeline(pipeline)
+        if lower and not any(p.name == "lower" for p in self.passes):  # the entry points end every pipeline so
+            self.passes.append(parse_pipeline("lower")[0])  # (a pipeline that names it keeps its options)
         self.check = check
         self.exact_rtol = exact_rtol
         self.on_pass = on_pass

@@ -1,0 +1,188 @@
+"""``lower``: the last stage. For each compressed node, choose how it runs on the target, and emit that.
+
+The passes before it rewrite into canonical compressed ops (``slimfx.lowrank_linear``, ``quant_linear``,
+``nm_linear``); this pass alone knows the target. It reads the device (the profile's, else the weights'), takes
+the implementations the registry (``slimfx/codegen``) has for the op there, prices each on the profile
+(``tune=model``) or times it on this machine (``tune=measure``), and emits the cheapest. A kernel that fuses the
+pointwise ops after the layer (bias, activation, residual add, scale, gate) absorbs them, and is priced with
+them; one that does not leaves them to Inductor. Each layer's choice and reason go into the report and the
+node's annotations. Forms that expand compressed weights to dense ones give the memory saving up, so they are
+offered only with ``storage=any``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+from ..codegen import impls as _impls  # noqa: F401 - registers the implementations
+from ..codegen.epilogue import find_epilogue
+from ..codegen.registry import Impl, Region, impls_for
+from ..hw_profiles.cost_model import latency
+from ..hw_profiles.op_costs import concrete, node_kernels, size_hints
+from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
+from ..ir.program import Program
+from .base import Pass, PassContext, register
+
+COMPRESSED = (LOWRANK_LINEAR, QUANT_LINEAR, NM_LINEAR)
+
+
+@register
+@dataclass
+class Lower(Pass):
+    name = "lower"
+    summary = "choose, per compressed layer and target, the kernel it runs: generated Triton (CUDA), aten or torch int kernels (CPU)"
+    exact = True  # every implementation computes the op's math; only rounding differs
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the profile's device, else the weights'
+    tune: Literal["model", "measure"] = "model"
+    storage: Literal["compressed", "any"] = "compressed"  # any: dense forms may be chosen where faster
+    prefer: str = ""  # kernel names (a|b) to take wherever they apply, whatever they cost (benchmarks, debugging)
+
+    def validate(self) -> None:
+        from ..codegen.registry import IMPLS
+
+        known = {impl.name for impl in IMPLS}
+        unknown = [name for name in self.prefer.split("|") if name and name not in known]
+        if unknown:
+            raise self.invalid("prefer", f"names unknown kernels {unknown}; kernels: {', '.join(sorted(known))}")
+
+    def run(self, program: Program, ctx: PassContext) -> Counter:
+        counts: Counter = Counter()
+        device = self._device(program, ctx)
+        profile = ctx.profile if ctx.profile is not None else _default_profile(device)
+        hints = size_hints(program.graph)
+        decisions = []  # priced first, while every node has its metadata; emitted after
+        claimed: set = set()  # epilogue nodes a fusing kernel already absorbs (a gate multiply has two layers)
+        for node in [n for n in program.graph.nodes if n.op == "call_function" and n.target in COMPRESSED]:
+            region = _region(node, claimed)
+            options, refused = [], []
+            for impl in impls_for(node.target, device):
+                why = impl.why_not(program, node) or (
+                    None if impl.keeps_storage or self.storage == "any" else "expands the compressed weights")
+                (refused if why else options).append((impl, why))
+            origin = _origin(program, node)
+            if not options:
+                counts["reference"] += 1
+                ctx.skip(self.name, origin, "no kernel applies, the reference op stays: "
+                         + "; ".join(f"{i.name}: {why}" for i, why in refused))
+                continue
+            preferred = set(filter(None, self.prefer.split("|")))
+            priced = sorted(((self._price(program, region, impl, profile, hints), impl) for impl, _ in options),
+                            key=lambda pair: (pair[1].name not in preferred, pair[0]))
+            decisions.append((region, priced))
+            seconds, chosen = priced[0]
+            if chosen.fuses_epilogue:
+                claimed.update(region.chain)
+            epilogue = region.epilogue
+            others = ", ".join(f"{impl.name} {s * 1e6:.1f} us" for s, impl in priced[1:])
+            fused = f", fusing {epilogue}" if chosen.fuses_epilogue and epilogue.steps else ""
+            where = "measured here" if self.tune == "measure" else f"on {profile.name}"
+            ctx.note(f"lower: {origin}: {chosen.name} ({seconds * 1e6:.1f} us {where}{fused}"
+                     f"{'; vs ' + others if others else ''})")
+        for region, priced in decisions:
+            self._emit(program, region, priced[0][1])
+            counts[priced[0][1].name] += 1
+        program.graph.eliminate_dead_code()
+        program.drop_unused_weights()
+        return counts
+
+    def _device(self, program: Program, ctx: PassContext) -> str:
+        if self.device != "auto":
+            return self.device
+        if ctx.profile is not None:
+            return ctx.profile.device
+        devices = {program.tensor(n).device.type for n in program.graph.nodes if program.is_weight(n)}
+        return "cuda" if "cuda" in devices else "cpu"
+
+    def _price(self, program: Program, region: Region, impl: Impl, profile, hints: dict) -> float:
+        if self.tune == "measure":
+            return _measured(program, region, impl)
+        kernels = list(impl.cost(region.node))
+        if not impl.fuses_epilogue:  # the epilogue's ops run separately (Inductor may fuse some of them)
+            for node in region.chain:
+                kernels += node_kernels(node) or []
+        return concrete(latency(kernels, profile), hints)
+
+    @staticmethod
+    def _emit(program: Program, region: Region, impl: Impl) -> None:
+        replaced = region.last if impl.fuses_epilogue else region.node
+        with program.graph.inserting_before(replaced):
+            new = impl.emit(program, region)
+        program.annotations(new).update({**program.annotations(region.node), "kernel": impl.name})
+        replaced.replace_all_uses_with(new)
+        for node in reversed(region.chain if impl.fuses_epilogue else ()):
+            program.graph.erase_node(node)
+        program.graph.erase_node(region.node)
+
+
+_MEASURED: dict[tuple, float] = {}  # (kernel, shapes, epilogue, device) -> seconds, for this process
+
+
+def _measured(program: Program, region: Region, impl: Impl) -> float:
+    """The region lowered by ``impl``, alone, compiled by torch.compile and timed on its example sizes."""
+    from ..hw_profiles.calibrate import measure
+
+    sub, sub_region, inputs = _alone(program, region)
+    key = (impl.name, str(region.epilogue), tuple((tuple(t.shape), t.dtype, t.device.type) for t in inputs),
+           tuple(tuple(program.tensor(a).shape) for a in region.node.all_input_nodes if program.is_weight(a)))
+    if key not in _MEASURED:
+        Lower._emit(sub, sub_region, impl)
+        sub.gm.recompile()
+        compiled = torch.compile(sub.gm, dynamic=False)
+        with torch.no_grad():
+            _MEASURED[key] = measure(lambda: compiled(*inputs), inputs[0].device.type, 0.02, 5)
+    return _MEASURED[key]
+
+
+def _alone(program: Program, region: Region) -> tuple[Program, Region, list]:
+    """A program holding only the region: its inputs as placeholders (random, at the example sizes), its weights."""
+    from ..ir.program import WeightInfo
+    from ..timing import random_like
+
+    graph, holder, weights, inputs, env = fx.Graph(), torch.nn.Module(), {}, [], {}
+    nodes = [region.node, *region.chain]
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg in env or arg in nodes:
+                continue
+            if program.is_weight(arg):
+                name = f"w{len(weights)}"
+                holder.register_buffer(name, program.tensor(arg))
+                info = program.weights[arg.target]
+                weights[name] = WeightInfo(info.origin, info.derived_by, info.note, info.kind, info.constraints)
+                env[arg] = graph.get_attr(name)
+            else:
+                env[arg] = graph.placeholder(f"input{len(inputs)}")
+                inputs.append(random_like(arg))
+            env[arg].meta = dict(arg.meta)
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(env[nodes[-1]])
+    sub = Program(fx.GraphModule(holder, graph), weights, tuple(inputs))
+    sub_region = Region(env[region.node], region.epilogue, tuple(env[e] for e in region.extras),
+                        tuple(env[c] for c in region.chain))
+    return sub, sub_region, inputs
+
+
+def _region(node, claimed: set) -> Region:
+    """The node's epilogue, cut before the first op another kernel has absorbed."""
+    epilogue, extras, chain = find_epilogue(node)
+    keep = next((i for i, n in enumerate(chain) if n in claimed), len(chain))
+    if keep < len(chain):
+        epilogue, extras, chain = find_epilogue(node, limit=keep)
+    return Region(node, epilogue, tuple(extras), tuple(chain))
+
+
+def _origin(program: Program, node: fx.Node) -> str:
+    weight = node.args[1]
+    return program.weights[weight.target].origin if program.is_weight(weight) else node.name
+
+
+def _default_profile(device: str):
+    from ..hw_profiles.profiles import load_profile, local_profile
+
+    return local_profile() if device == ("cuda" if torch.cuda.is_available() else "cpu") else load_profile(
+        "h100" if device == "cuda" else "cpu-generic")

@@ -92,6 +92,17 @@ for device in ("cpu", "cuda"):
     register(Impl("aten-two-linears", LOWRANK_LINEAR, device, False, True, lambda p, n: None, _lowrank_cost(False),
                   _emit_two_linears, "x·Vᵀ then ·Uᵀ as two aten linears (Inductor fuses the bias and epilogue)"))
 
+def _emit_dense_product(program: Program, region: Region) -> fx.Node:
+    x, v, u, bias = region.node.args
+    product = (program.tensor(u).double() @ program.tensor(v).double()).to(program.tensor(v).dtype)
+    return _call(program, LINEAR, x, _derived(program, u, "dense", product, "U·V multiplied out at lowering"), bias)
+
+
+for device in ("cpu", "cuda"):
+    register(Impl("dense-product", LOWRANK_LINEAR, device, False, False, lambda p, n: None,
+                  lambda n: dense_linear(*_sizes(n)[:1], shape(n.args[2])[0], shape(n.args[1])[1], *_sizes(n)[1:]),
+                  _emit_dense_product, "U·V multiplied out once at lowering: a dense linear"))
+
 register(Impl(
     "triton-lowrank", LOWRANK_LINEAR, "cuda", True, True,
     lambda p, n: None if val(n.args[1]).shape[0] <= MAX_RANK else f"rank above {MAX_RANK}", _lowrank_cost(True),

@@ -39,7 +39,9 @@ class Lower(Pass):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the profile's device, else the weights'
     tune: Literal["model", "measure"] = "model"
-    storage: Literal["compressed", "any"] = "compressed"  # any: dense forms may be chosen where faster
+    # auto: keep the compressed weights unless every form that keeps them is slower than the dense layer (then the
+    # layer runs dense: a lowered model is never slower than dense); compressed: always keep them; any: cheapest
+    storage: Literal["auto", "compressed", "any"] = "auto"
     prefer: str = ""  # kernel names (a|b) to take wherever they apply, whatever they cost (benchmarks, debugging)
 
     def validate(self) -> None:
@@ -62,7 +64,8 @@ class Lower(Pass):
             options, refused = [], []
             for impl in impls_for(node.target, device):
                 why = impl.why_not(program, node) or (
-                    None if impl.keeps_storage or self.storage == "any" else "expands the compressed weights")
+                    "expands the compressed weights" if not impl.keeps_storage and self.storage == "compressed"
+                    else None)
                 (refused if why else options).append((impl, why))
             origin = _origin(program, node)
             if not options:
@@ -73,6 +76,16 @@ class Lower(Pass):
             preferred = set(filter(None, self.prefer.split("|")))
             priced = sorted(((self._price(program, region, impl, profile, hints), impl) for impl, _ in options),
                             key=lambda pair: (pair[1].name not in preferred, pair[0]))
+            if self.storage == "auto" and priced[0][1].name not in preferred:
+                kept = [pair for pair in priced if pair[1].keeps_storage]
+                dense = [pair for pair in priced if not pair[1].keeps_storage]
+                if kept and dense and kept[0][0] > dense[0][0]:
+                    ctx.skip(self.name, origin, "runs dense: every form that keeps it compressed is slower than dense "
+                             "on this target, so the compression saves memory only in the canonical model "
+                             "(compress(lower=False); lower{storage=compressed} keeps it at that speed)")
+                    priced = dense[:1] + [pair for pair in priced if pair is not dense[0]]
+                elif kept:
+                    priced = kept[:1] + [pair for pair in priced if pair is not kept[0]]
             decisions.append((region, priced))
             seconds, chosen = priced[0]
             if chosen.fuses_epilogue:

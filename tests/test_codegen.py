@@ -187,6 +187,7 @@ def test_for_an_h100_compressed_layers_lower_to_generated_kernels_that_absorb_th
         assert torch.allclose(result(other), plain(other), atol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_generated_kernels_on_the_gpu():
     from slimfx.codegen.lowrank import reference

@@ -215,8 +215,9 @@ def _nm_cost(kind: str):
         if kind == "load-as-sparse":
             kept = out_f * k * sympy.Rational(n, m)
             stored = kept * itemsize + kept * sympy.Rational(index_bits(m), 8)
-            return [Kernel(2 * rows * out_f * k, rows * k * itemsize + stored + rows * out_f * itemsize, dtype,
-                           _gemm_kind(rows), out_f * k)]
+            expand = 2 * n * out_f * k * sympy.ceiling(rows / 64)  # one compare-select per kept slot, per row tile
+            return [Kernel(2 * rows * out_f * k + expand, rows * k * itemsize + stored + rows * out_f * itemsize,
+                           dtype, _gemm_kind(rows), out_f * k)]
         dense = dense_linear(rows, out_f, k, itemsize, dtype)
         if kind == "dense":
             return dense

@@ -39,8 +39,9 @@ class Lower(Pass):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the profile's device, else the weights'
     tune: Literal["model", "measure"] = "model"
-    # auto: keep the compressed weights unless every form that keeps them is slower than the dense layer (then the
-    # layer runs dense: a lowered model is never slower than dense); compressed: always keep them; any: cheapest
+    # auto: with a profile (a target to be fast on), keep the compressed weights unless every form that keeps them
+    # is slower there than the dense layer, which then runs dense; without one, keep them (what was asked for).
+    # compressed: always keep them; any: the cheapest form
     storage: Literal["auto", "compressed", "any"] = "auto"
     prefer: str = ""  # kernel names (a|b) to take wherever they apply, whatever they cost (benchmarks, debugging)
 
@@ -62,10 +63,10 @@ class Lower(Pass):
         for node in [n for n in program.graph.nodes if n.op == "call_function" and n.target in COMPRESSED]:
             region = _region(node, claimed)
             options, refused = [], []
+            keep_storage = self.storage == "compressed" or (self.storage == "auto" and ctx.profile is None)
             for impl in impls_for(node.target, device):
                 why = impl.why_not(program, node) or (
-                    "expands the compressed weights" if not impl.keeps_storage and self.storage == "compressed"
-                    else None)
+                    "expands the compressed weights" if not impl.keeps_storage and keep_storage else None)
                 (refused if why else options).append((impl, why))
             origin = _origin(program, node)
             if not options:

@@ -1,9 +1,10 @@
 """``nm{n=2,m=4}``: prune linear layers so every m consecutive input weights keep at most n.
 
-Masks come from ``nm_masks`` (magnitude, wanda, sparsegpt). The layout is then chosen per layer: compressed
-(``slimfx.nm_linear``: values + packed indices, weight memory really shrinks) where the profile predicts the
-sparse kernel pays, or the dense weight with the mask applied where it would not (2:4 loses to dense at small
-batch on GPUs; CPUs have no sparse units). The report says which, and why, for every layer.
+Masks come from ``nm_masks`` (magnitude, wanda, sparsegpt). The pruned layer is written in the canonical
+compressed form (``slimfx.nm_linear``: values + packed indices, weight memory really shrinks); how it runs on the
+target (cuSPARSELt 2:4, the generated load-as-sparse kernel, or the masked weight expanded to a dense one where
+nothing sparse pays, as on CPUs) is the ``lower`` stage's choice, reported per layer. ``layout=dense`` keeps the
+masked weight dense from the start (to fine-tune it, say).
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import torch
 import torch.fx as fx
 
 from ..errors import PipelineError
-from ..hw_profiles.cost_model import dense_linear, latency, nm_linear
-from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.ops import NM_LINEAR
 from ..ir.program import LINEAR, Constraint, Program
 from ..ir.sparse_format import compress
@@ -32,7 +31,7 @@ from .nm_permute import kept_saliency, producer_of, search_permutation
 @dataclass
 class NMSparsity(Pass):
     name = "nm"
-    summary = "N:M structured sparsity (wanda, sparsegpt, magnitude) with profile-chosen storage"
+    summary = "N:M structured sparsity (wanda, sparsegpt, magnitude), stored compressed; lower picks how it runs"
 
     n: int = 2
     m: int = 4
@@ -66,7 +65,6 @@ class NMSparsity(Pass):
             layers = layers[1:]
         if self.skip_last:
             layers = layers[:-1]
-        hints = size_hints(program.graph)
         chosen = []
         for node in layers:
             origin = program.weights[node.args[1].target].origin
@@ -81,7 +79,7 @@ class NMSparsity(Pass):
             layer_stats = permuted_stats.get(uses[0])
             if layer_stats is None and stats is not None:
                 layer_stats = stats.get(origin, program.tensor(uses[0].args[1]).shape[1])
-            outcome, why = self._rewrite(program, uses, origin, layer_stats, hints, ctx)
+            outcome, why = self._rewrite(program, uses, origin, layer_stats, ctx)
             counts[outcome] += 1
             if outcome.startswith("skipped"):
                 ctx.skip(self.name, origin, why.removeprefix("left dense: "))
@@ -123,7 +121,7 @@ class NMSparsity(Pass):
             new = program.add_weight(f"{old.target}_perm", value, program.weights[old.target].origin, self.name, note)
         node.update_arg(index, new)
 
-    def _rewrite(self, program: Program, uses: list[fx.Node], origin: str, layer_stats, hints: dict,
+    def _rewrite(self, program: Program, uses: list[fx.Node], origin: str, layer_stats,
                  ctx: PassContext) -> tuple[str, str]:
         node = uses[0]
         weight = program.tensor(node.args[1])
@@ -143,7 +141,7 @@ class NMSparsity(Pass):
             pruned = weight * mask
         else:
             pruned, mask = sparsegpt(weight, layer_stats, self.n, self.m, self.block, self.damp)
-        layout, why = self._choose_layout(node, hints, ctx)
+        layout, why = self._choose_layout()
         note = {"nm": f"{self.n}:{self.m}", "layout": layout}
         if layer_stats is None:  # no data: the weights' own relative error stands in for the output's
             ctx.layer_errors[origin] = float((pruned - weight).norm() / weight.norm().clamp_min(1e-30))
@@ -155,14 +153,7 @@ class NMSparsity(Pass):
             ctx.layer_errors[origin] = error
         mask_kept = (Constraint("nm-mask", self.name, f"{self.n}:{self.m}"),)
         with program.graph.inserting_before(node):  # new weights are made once, before the first use
-            if layout == "compressed" and _has_cuda_2_4(pruned, self.n, self.m):
-                # torch's semi-structured tensor (cuSPARSELt/CUTLASS): a plain linear runs the sparse kernel
-                from torch.sparse import to_sparse_semi_structured
-
-                target, tail = LINEAR, ()
-                weights = (program.add_weight(f"{origin}_2of4", to_sparse_semi_structured(pruned), origin, self.name,
-                                              "2:4 semi-structured (CUDA)", mask_kept),)
-            elif layout == "compressed":
+            if layout == "compressed":
                 values, indices = compress(pruned, mask, self.n, self.m)
                 target, tail = NM_LINEAR, (self.n, self.m, in_f)
                 weights = (program.add_weight(f"{origin}_values", values, origin, self.name,
@@ -181,24 +172,7 @@ class NMSparsity(Pass):
         replace_each(program, uses, build, note)
         return layout, why
 
-    def _choose_layout(self, node: fx.Node, hints: dict, ctx: PassContext) -> tuple[str, str]:
-        if self.layout != "auto":
-            return self.layout, ""
-        if ctx.profile is None:
-            return "compressed", "compressed storage (no profile given to weigh speed; smaller weights)"
-        x = node.args[0]
-        dtype, size = dtype_name(x), x.meta["val"].element_size()
-        out_f, in_f = shape(node.args[1])
-        rows = numel(shape(x)[:-1])
-        dense = concrete(latency(dense_linear(rows, out_f, in_f, size, dtype), ctx.profile), hints)
-        sparse = concrete(latency(nm_linear(rows, out_f, in_f, self.n, self.m, size, dtype), ctx.profile), hints)
-        has_kernel = (self.n, self.m) == (2, 4) and ctx.profile.supports_2_4(dtype)
-        if sparse < dense:
-            return "compressed", f"compressed: predicted {sparse * 1e6:.1f} us vs dense {dense * 1e6:.1f} us"
-        reason = ("sparse kernel predicted slower" if has_kernel
-                  else f"{ctx.profile.name} has no {self.n}:{self.m} kernel for {dtype}")
-        return "dense", f"dense layout, mask only: {reason} ({sparse * 1e6:.1f} us vs dense {dense * 1e6:.1f} us)"
-
-
-def _has_cuda_2_4(weight: torch.Tensor, n: int, m: int) -> bool:
-    return weight.is_cuda and (n, m) == (2, 4) and weight.dtype in (torch.float16, torch.bfloat16)
+    def _choose_layout(self) -> tuple[str, str]:
+        if self.layout == "dense":
+            return "dense", "dense layout, mask only (layout=dense)"
+        return "compressed", ""

@@ -156,6 +156,8 @@ def _int4pack_why_not(program: Program, node: fx.Node) -> str | None:
         return f"group {group}: torch's int4 kernel takes groups of 32, 64, 128 or 256"
     if val(node.args[0]).dtype not in (torch.float32, torch.float16, torch.bfloat16) or in_f % 32:
         return "input dtype or width not supported by torch's int4 kernel"
+    if program.tensor(node.args[1]).device.type != "cpu":
+        return "the weights are not on the CPU"
     return None
 
 
@@ -173,6 +175,7 @@ def _emit_int4pack(program: Program, region: Region) -> fx.Node:
     sz = _derived(program, scales, "int4pack_sz", scales_and_zeros, "torch int4 scales and zero points")
     lead = list(val(node).shape[:-1])
     flat = _call(program, aten.reshape.default, x, [-1, in_f]) if len(lead) != 1 else x
+    flat = program.graph.call_function(aten.clone.default, (flat,), {"memory_format": torch.contiguous_format})
     y = _call(program, aten._weight_int4pack_mm_for_cpu.default, flat, weight, group, sz)
     if len(lead) != 1:
         sizes = [d if isinstance(d, int) else _call(program, aten.sym_size.int, x, i) for i, d in enumerate(lead)]

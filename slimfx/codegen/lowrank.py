@@ -16,9 +16,10 @@ from torch.library import triton_op, wrap_triton
 from .epilogue import Epilogue
 from . import source
 from .source import interpreting, render
-from .tuning import bucket, choose
+from .tuning import bucket, fitting, precision, run_tuned
 
 MAX_RANK = 256  # the intermediate lives in registers: [BM, rank] per program
+PROGRAMS = 64  # where row blocks are fewer, the columns are shared out between programs (decode)
 
 TEMPLATE = '''import triton
 import triton.language as tl
@@ -26,7 +27,7 @@ import triton.language as tl
 
 @triton.jit
 def kernel(X, V, U, BIAS, Y, {EXTRA_PARAMS}M, N, K, R, sxm, sxk, svr, svk, sun, sur, sym, syn,
-           HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+           HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
            TILES: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -37,12 +38,12 @@ def kernel(X, V, U, BIAS, Y, {EXTRA_PARAMS}M, N, K, R, sxm, sxk, svr, svk, sun, 
         rk = k0 + tl.arange(0, BK)
         x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         vt = tl.load(V + rr[None, :] * svr + rk[:, None] * svk, mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0)
-        t += tl.dot(x, vt)
+        t += tl.dot(x, vt, input_precision=PRECISION)
     t = t.to(X.dtype.element_ty)  # rounded like the two-GEMM path's intermediate
     for tile in range(TILES):
         rn = (pid_n * TILES + tile) * BN + tl.arange(0, BN)
         ut = tl.load(U + rn[None, :] * sun + rr[:, None] * sur, mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(t, ut)
+        acc = tl.dot(t, ut, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -52,6 +53,10 @@ def kernel(X, V, U, BIAS, Y, {EXTRA_PARAMS}M, N, K, R, sxm, sxk, svr, svk, sun, 
 
 CONFIGS = [{"BM": bm, "BN": bn, "BK": bk, "num_warps": w}
            for bm, bn, bk, w in ((16, 64, 64, 4), (32, 64, 64, 4), (64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8))]
+
+
+def _device_name(x: torch.Tensor) -> str:
+    return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
 
 
 def can_launch(x: torch.Tensor) -> bool:
@@ -79,21 +84,20 @@ def lowrank_fused(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: Optio
     flat_extras = [e.reshape(m, n) for e in extras]
     extra_args = [a for e in flat_extras for a in (e, e.stride(0), e.stride(1))]
     block_r = max(16, triton.next_power_of_2(r))
-    configs = [c for c in CONFIGS if c["BM"] <= max(16, bucket(m))] or CONFIGS[:1]
+    configs = fitting(CONFIGS, m)
 
     def launch(config):
         tiles_n = triton.cdiv(n, config["BN"])
         row_blocks = triton.cdiv(m, config["BM"])
-        splits = min(tiles_n, max(1, 64 // row_blocks))  # few row blocks: share the columns out
+        splits = min(tiles_n, max(1, PROGRAMS // row_blocks))  # few row blocks: share the columns out
         tiles = triton.cdiv(tiles_n, splits)
         wrap_triton(rendered.kernel)[(row_blocks, triton.cdiv(tiles_n, tiles))](
             x2, v, u, bias if bias is not None else y, y, *extra_args, m, n, k, r, x2.stride(0), x2.stride(1),
             v.stride(0), v.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, BM=config["BM"], BN=config["BN"], BK=config["BK"], BR=block_r, TILES=tiles,
+            HAS_BIAS=bias is not None, PRECISION=precision(x), BM=config["BM"], BN=config["BN"], BK=config["BK"], BR=block_r, TILES=tiles,
             num_warps=config["num_warps"])
 
-    key = f"lowrank|{spec}|{x.dtype}|{bucket(m)},{n},{k},{r}|{torch.cuda.get_device_name() if x.is_cuda else 'cpu'}"
-    launch(choose(key, configs, launch, x.device))
+    run_tuned(lambda: f"lowrank|{spec}|{x.dtype}|{bucket(m)},{n},{k},{r}|{_device_name(x)}", configs, launch, x)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -15,10 +15,10 @@ from torch.library import triton_op, wrap_triton
 
 from ..ir.sparse_format import index_bits
 from .epilogue import Epilogue
-from .lowrank import can_launch
+from .lowrank import _device_name, can_launch
 from . import source
 from .source import render
-from .tuning import bucket, choose
+from .tuning import bucket, fitting, precision, run_tuned
 
 TEMPLATE = '''import triton
 import triton.language as tl
@@ -27,7 +27,7 @@ import triton.language as tl
 @triton.jit
 def kernel(X, VALS, IDX, BIAS, Y, {EXTRA_PARAMS}M, N, K, KEPT, IDX_BYTES, sxm, sxk, sym, syn,
            KEEP: tl.constexpr, GROUP: tl.constexpr, IDX_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+           PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -47,7 +47,7 @@ def kernel(X, VALS, IDX, BIAS, Y, {EXTRA_PARAMS}M, N, K, KEPT, IDX_BYTES, sxm, s
             byte = tl.load(IDX + rn[None, :] * IDX_BYTES + (bit // 8)[:, None], mask=w_mask, other=0).to(tl.int32)
             index = (byte >> (bit % 8)[:, None]) & ((1 << IDX_BITS) - 1)
             w = tl.where(index == position, value.to(tl.float32), w)
-        acc += tl.dot(x, w.to(X.dtype.element_ty))
+        acc += tl.dot(x, w.to(X.dtype.element_ty), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -78,19 +78,18 @@ def nm_fused(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias:
     y = source.new_output(rows, out_f, x)
     extra_args = [arg for e in (e.reshape(rows, out_f) for e in extras) for arg in (e, e.stride(0), e.stride(1))]
     values, indices = values.contiguous(), indices.contiguous()
-    configs = [c for c in CONFIGS if c["BM"] <= bucket(rows) and c["BK"] % m == 0] or CONFIGS[:1]
+    configs = fitting(CONFIGS, rows)
 
     def launch(config):
         grid = (triton.cdiv(rows, config["BM"]), triton.cdiv(out_f, config["BN"]))
         wrap_triton(rendered.kernel)[grid](
             x2, values, indices, bias if bias is not None else y, y, *extra_args, rows, out_f, k, values.shape[1],
             indices.shape[1], x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), KEEP=n, GROUP=m,
-            IDX_BITS=index_bits(m), HAS_BIAS=bias is not None, BM=config["BM"], BN=config["BN"], BK=config["BK"],
+            IDX_BITS=index_bits(m), HAS_BIAS=bias is not None, PRECISION=precision(x), BM=config["BM"], BN=config["BN"], BK=config["BK"],
             num_warps=config["num_warps"])
 
-    key = (f"nm|{spec}|{n}:{m}|{x.dtype}|{bucket(rows)},{out_f},{k}|"
-           f"{torch.cuda.get_device_name() if x.is_cuda else 'cpu'}")
-    launch(choose(key, configs, launch, x.device))
+    run_tuned(lambda: f"nm|{spec}|{n}:{m}|{x.dtype}|{bucket(rows)},{out_f},{k}|{_device_name(x)}", configs, launch,
+              x)
     return y.reshape(*x.shape[:-1], out_f)
 
 

@@ -16,10 +16,10 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from .epilogue import Epilogue
-from .lowrank import MAX_RANK, can_launch
+from .lowrank import MAX_RANK, _device_name, can_launch
 from . import source
 from .source import render
-from .tuning import bucket, choose
+from .tuning import bucket, fitting, precision, run_tuned
 
 TEMPLATE = '''import triton
 import triton.language as tl
@@ -28,7 +28,7 @@ import triton.language as tl
 @triton.jit
 def kernel(X, P, S, Z, A, B, AS, BS, BIAS, Y, {EXTRA_PARAMS}M, N, K, R, ROW_BYTES, GROUPS, sxm, sxk, sym, syn,
            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_LR: tl.constexpr, LR_INT8: tl.constexpr,
-           HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+           HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -50,17 +50,17 @@ def kernel(X, P, S, Z, A, B, AS, BS, BIAS, Y, {EXTRA_PARAMS}M, N, K, R, ROW_BYTE
         scale = tl.load(S + g, mask=w_mask, other=0.0).to(tl.float32)
         zero = tl.load(Z + g, mask=w_mask, other=0.0).to(tl.float32)
         w = ((code.to(tl.float32) - zero) * scale).to(X.dtype.element_ty)
-        acc += tl.dot(x, w)
+        acc += tl.dot(x, w, input_precision=PRECISION)
         if HAS_LR:
             bt = tl.load(B + rr[None, :] * K + rk[:, None], mask=in_k[:, None] & (rr[None, :] < R), other=0.0)
             if LR_INT8:
                 bt = (bt.to(tl.float32) * tl.load(BS + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :])
-            t += tl.dot(x, bt.to(X.dtype.element_ty))
+            t += tl.dot(x, bt.to(X.dtype.element_ty), input_precision=PRECISION)
     if HAS_LR:
         at = tl.load(A + rn[None, :] * R + rr[:, None], mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
         if LR_INT8:
             at = at.to(tl.float32) * tl.load(AS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        acc += tl.dot(t.to(X.dtype.element_ty), at.to(X.dtype.element_ty))
+        acc += tl.dot(t.to(X.dtype.element_ty), at.to(X.dtype.element_ty), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -99,7 +99,7 @@ def quant_fused(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     lr_int8 = rank > 0 and a_scale is not None and b_scale is not None
     dummy = y
     a_, b_ = (a.contiguous(), b.contiguous()) if rank else (dummy, dummy)
-    configs = [c for c in CONFIGS if c["BM"] <= bucket(m)] or CONFIGS[:1]
+    configs = fitting(CONFIGS, m)
 
     def launch(config):
         grid = (triton.cdiv(m, config["BM"]), triton.cdiv(n, config["BN"]))
@@ -107,12 +107,11 @@ def quant_fused(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
             x2, packed, scales, zeros, a_, b_, a_scale if lr_int8 else dummy, b_scale if lr_int8 else dummy,
             bias if bias is not None else dummy, y, *extra_args, m, n, k, rank, packed.shape[1], scales.shape[1],
             x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), BITS=bits, GROUP=group, HAS_LR=rank > 0,
-            LR_INT8=lr_int8, HAS_BIAS=bias is not None, BM=config["BM"], BN=config["BN"], BK=config["BK"],
+            LR_INT8=lr_int8, HAS_BIAS=bias is not None, PRECISION=precision(x), BM=config["BM"], BN=config["BN"], BK=config["BK"],
             BR=max(16, triton.next_power_of_2(max(rank, 1))), num_warps=config["num_warps"])
 
-    key = (f"quant|{spec}|{bits}b g{group} r{rank}|{x.dtype}|{bucket(m)},{n},{k}|"
-           f"{torch.cuda.get_device_name() if x.is_cuda else 'cpu'}")
-    launch(choose(key, configs, launch, x.device))
+    run_tuned(lambda: f"quant|{spec}|{bits}b g{group} r{rank}|{x.dtype}|{bucket(m)},{n},{k}|{_device_name(x)}",
+              configs, launch, x)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -65,3 +65,31 @@ def choose(key: str, configs: list[Config], run: Callable[[Config], object], dev
     partial.write_text(json.dumps(stored, indent=1, sort_keys=True))
     partial.replace(path)
     return best
+
+
+def fitting(configs: list[Config], rows) -> list[Config]:
+    """The configs whose row tile does not exceed the rows (all of the smallest kind for symbolic rows)."""
+    if not isinstance(rows, int):
+        return configs[:1]
+    return [c for c in configs if c["BM"] <= bucket(rows)] or configs[:1]
+
+
+def run_tuned(key: Callable[[], str], configs: list[Config], launch: Callable[[Config], object],
+              x: torch.Tensor) -> None:
+    """Launch with the tuned config, on x's device. While torch.compile traces the op (fake tensors, symbolic
+    sizes) nothing is timed or stored: the first config is traced."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    tracing = torch.compiler.is_compiling() or isinstance(x, FakeTensor) or not all(
+        isinstance(d, int) for d in x.shape)
+    config = configs[0] if tracing else choose(key(), configs, launch, x.device)
+    if x.is_cuda:
+        with torch.cuda.device(x.device):
+            launch(config)
+    else:
+        launch(config)
+
+
+def precision(x: torch.Tensor) -> str:
+    """fp32 products in full precision (TF32 would move outputs by ~1e-3: not the op's math)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"

@@ -74,6 +74,8 @@ def replace_each(program: Program, uses: list, build: Any, note: dict) -> None:
         with program.graph.inserting_before(use):
             new = build(use)
         program.annotations(new).update(note)
+        if "val" in use.meta:  # same value, same shape: a later layer reading it is priced before refresh
+            new.meta.setdefault("val", use.meta["val"])
         use.replace_all_uses_with(new)
         program.graph.erase_node(use)
 

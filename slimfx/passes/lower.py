@@ -11,6 +11,7 @@ offered only with ``storage=any``.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
@@ -97,8 +98,11 @@ class Lower(Pass):
             where = "measured here" if self.tune == "measure" else f"on {profile.name}"
             ctx.note(f"lower: {origin}: {chosen.name} ({seconds * 1e6:.1f} us {where}{fused}"
                      f"{'; vs ' + others if others else ''})")
+        replaced: dict = {}  # node -> what now computes its value (an extra may be an earlier layer's output)
         for region, priced in decisions:
-            self._emit(program, region, priced[0][1])
+            region = dataclasses.replace(region, extras=tuple(replaced.get(e, e) for e in region.extras))
+            old, new = self._emit(program, region, priced[0][1])
+            replaced[old] = new
             counts[priced[0][1].name] += 1
         program.graph.eliminate_dead_code()
         program.drop_unused_weights()
@@ -122,7 +126,7 @@ class Lower(Pass):
         return concrete(latency(kernels, profile), hints)
 
     @staticmethod
-    def _emit(program: Program, region: Region, impl: Impl) -> None:
+    def _emit(program: Program, region: Region, impl: Impl) -> tuple[fx.Node, fx.Node]:
         replaced = region.last if impl.fuses_epilogue else region.node
         with program.graph.inserting_before(replaced):
             new = impl.emit(program, region)
@@ -131,6 +135,7 @@ class Lower(Pass):
         for node in reversed(region.chain if impl.fuses_epilogue else ()):
             program.graph.erase_node(node)
         program.graph.erase_node(region.node)
+        return replaced, new
 
 
 _MEASURED: dict[tuple, float] = {}  # (kernel, shapes, epilogue, device) -> seconds, for this process

@@ -178,22 +178,24 @@ def test_for_an_h100_compressed_layers_lower_to_generated_kernels_that_absorb_th
     from slimfx.codegen.quant import QUANT_FUSED
 
     torch.manual_seed(0)
-    model = GatedMLP().eval()
-    x = torch.randn(16, 64)
-    calibration = [(torch.randn(64, 64),)]
+    model = GatedMLP(256, 512).eval()
+    x = torch.randn(16, 256)
+    calibration = [(torch.randn(64, 256),)]
+    # layers this small are launch-bound on an H100, where a dense layer can tie a packed one: keep them packed
     result = slimfx.compress(model, (x,), pipeline="factorize{rank=8,method=svd,exclude=gate|value},"
-                             "quant-lowrank{bits=4,group=32,rank=4}", calibration=calibration, profile="h100")
+                             "quant-lowrank{bits=4,group=32,rank=4},lower{storage=compressed}",
+                             calibration=calibration, profile="h100")
     fused = [n for n in result.program.graph.nodes if n.target in (LOWRANK_FUSED, QUANT_FUSED)]
     assert sorted(n.target is QUANT_FUSED for n in fused) == [False] * 3 + [True] * 2  # gate, value quantized
     epilogues = sorted(n.args[-1] for n in fused)
     assert epilogues == ["", "add", "gelu", "scale=0.5", "silu,mul"]
     assert not any(n.target in (torch.ops.aten.gelu.default, torch.ops.aten.silu.default, torch.ops.aten.mul.Tensor)
                    for n in result.program.graph.nodes)  # absorbed
-    assert result.report.passes[-1].name == "lower"  # exact: the manager checked it against the reference ops
+    assert result.report.passes[-1].name.startswith("lower")  # exact: the manager checked it against the reference
     with torch.no_grad():
-        other = torch.randn(5, 64)
+        other = torch.randn(5, 256)
         plain = slimfx.compress(model, (x,), pipeline="factorize{rank=8,method=svd,exclude=gate|value},"
-                                "quant-lowrank{bits=4,group=32,rank=4},lower{device=cpu}", calibration=calibration)
+                                "quant-lowrank{bits=4,group=32,rank=4}", calibration=calibration, lower=False)
         assert torch.allclose(result(other), plain(other), atol=1e-4)
 
 

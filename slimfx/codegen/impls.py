@@ -184,10 +184,16 @@ def _emit_int4pack(program: Program, region: Region) -> fx.Node:
 
 
 def _emit_dense_quant(program: Program, region: Region) -> fx.Node:
+    """deq(Q) + A·B as one dense weight: the correction folded in, so the layer costs exactly a dense linear."""
     node = region.node
     weight = _dequantized(node)(*(program.tensor(a) for a in node.args[1:4]))
-    w = _derived(program, node.args[1], "dense", weight, "dequantized once at lowering (memory given up for speed)")
-    return _add_bias(program, _correction(program, region, _call(program, LINEAR, node.args[0], w)), node.args[8])
+    a, b, a_scale, b_scale = (program.tensor(t) if t is not None else None for t in node.args[4:8])
+    if a is not None and b is not None:
+        if a_scale is not None and b_scale is not None:
+            a, b = a.double() * a_scale[:, None].double(), b.double() * b_scale[:, None].double()
+        weight = (weight.double() + a.double() @ b.double()).to(weight.dtype)
+    w = _derived(program, node.args[1], "dense", weight, "dequantized once at lowering, correction folded in")
+    return _call(program, LINEAR, node.args[0], w, node.args[8])
 
 
 for device in ("cpu", "cuda"):
@@ -195,8 +201,8 @@ for device in ("cpu", "cuda"):
                   _quant_cost(False, dequant_each_call=True), _emit_dequant_linear,
                   "unpack and dequantize in aten ops on every call (Inductor fuses them), then a dense linear"))
     register(Impl("dense-dequantized", QUANT_LINEAR, device, False, False, lambda p, n: None,
-                  lambda n: _quant_cost(False, True)(n)[1:], _emit_dense_quant,
-                  "the weight dequantized once at lowering: a dense linear"))
+                  lambda n: _quant_cost(False, True)(n)[1:2], _emit_dense_quant,
+                  "the weight dequantized once at lowering, its correction folded in: a dense linear"))
 register(Impl("torch-int4pack", QUANT_LINEAR, "cpu", False, True, _int4pack_why_not, _quant_cost(False),
               _emit_int4pack, "torch's int4 weight-only CPU kernel (_weight_int4pack_mm_for_cpu)"))
 register(Impl(

@@ -6,6 +6,8 @@ element must be written. GPU-only checks are marked and skip cleanly without a G
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -25,8 +27,17 @@ EPILOGUES = ["", "relu", "gelu", "gelu_tanh,add", "silu,mul", "add,scale=0.5"]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    """Kernels run on CPU tensors (conftest turned Triton's interpreter on before triton was imported)."""
+    monkeypatch.setenv("SLIMFX_CPU_KERNELS", "1")
+    monkeypatch.setattr(source, "POISON_OUTPUTS", True)
+    if not torch.cuda.is_available() and not source.interpreting():
+        pytest.skip("Triton's interpreter is not active (TRITON_INTERPRET=1 must be set before triton is imported)")
+
+
 @pytest.fixture(params=["default-tiles", "small-tiles"])
-def interpreter(monkeypatch, request):
+def interpreter(monkeypatch, request, kernels_on_cpu):
     """Kernels run on CPU tensors (conftest turned Triton's interpreter on before triton was imported); with
     16-wide tiles too, so every K loop takes several steps and the low-rank kernel's programs each walk several
     column tiles."""
@@ -37,10 +48,6 @@ def interpreter(monkeypatch, request):
         for module in (lowrank, nm, quant):
             monkeypatch.setattr(module, "CONFIGS", small)
         monkeypatch.setattr(lowrank, "PROGRAMS", 1)
-    monkeypatch.setenv("SLIMFX_CPU_KERNELS", "1")
-    monkeypatch.setattr(source, "POISON_OUTPUTS", True)
-    if not torch.cuda.is_available() and not source.interpreting():
-        pytest.skip("Triton's interpreter is not active (TRITON_INTERPRET=1 must be set before triton is imported)")
 
 
 def extras_for(epilogue: str, shape, dtype):
@@ -98,6 +105,14 @@ def test_fused_dequant_gemm_with_its_low_rank_correction_matches_the_reference(i
     ref = reference(f32(x), packed, f32(scales), f32(zeros), f32(a), f32(b), f32(a_scale), f32(b_scale), f32(bias),
                     bits, 16, 64, [e.float() for e in extras], epilogue)
     close(y, ref, dtype)
+
+
+def test_decode_shapes_split_k_between_programs_and_prefill_shapes_do_not():
+    from slimfx.codegen.quant import splits
+
+    # the quant test above, with 16-wide tiles: 15 rows, 3 column programs, K = 64 in 16-wide steps -> 4 shares
+    assert splits(15, 3, 64, 16) == 4 and splits(15, 3, 64, 64) == 1
+    assert splits(17, 3, 64, 16) == 1 and splits(1, 256, 4096, 64) == 1 and splits(1, 32, 4096, 64) == 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -173,7 +188,7 @@ def test_on_cpu_compressed_layers_lower_to_aten_or_torch_int_kernels_exactly(pip
         assert torch.allclose(lowered(other), unlowered(other), atol=1e-5)
 
 
-def test_for_an_h100_compressed_layers_lower_to_generated_kernels_that_absorb_their_epilogues(interpreter):
+def test_for_an_h100_compressed_layers_lower_to_generated_kernels_that_absorb_their_epilogues(kernels_on_cpu):
     from slimfx.codegen.lowrank import LOWRANK_FUSED
     from slimfx.codegen.quant import QUANT_FUSED
 
@@ -192,6 +207,11 @@ def test_for_an_h100_compressed_layers_lower_to_generated_kernels_that_absorb_th
     assert not any(n.target in (torch.ops.aten.gelu.default, torch.ops.aten.silu.default, torch.ops.aten.mul.Tensor)
                    for n in result.program.graph.nodes)  # absorbed
     assert result.report.passes[-1].name.startswith("lower")  # exact: the manager checked it against the reference
+    from slimfx.codegen.explain import kernel_table
+
+    listing = kernel_table(result.program)  # what `slimfx explain --kernels` prints
+    assert listing.count("triton-lowrank") == 3 and "epilogue silu,mul" in listing
+    assert listing.count("@triton.jit") == 5  # one generated source per (family, epilogue)
     with torch.no_grad():
         other = torch.randn(5, 256)
         plain = slimfx.compress(model, (x,), pipeline="factorize{rank=8,method=svd,exclude=gate|value},"
@@ -228,7 +248,7 @@ def test_torch_int4_kernel_and_aten_forms_keep_the_weights_compressed_and_follow
                 assert torch.allclose(result(other), canonical(other), atol=1e-4)
 
 
-def test_an_epilogue_operand_made_by_an_earlier_lowered_layer_is_read_from_its_replacement(interpreter):
+def test_an_epilogue_operand_made_by_an_earlier_lowered_layer_is_read_from_its_replacement(kernels_on_cpu):
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
@@ -245,3 +265,20 @@ def test_an_epilogue_operand_made_by_an_earlier_lowered_layer_is_read_from_its_r
     assert result.report.rewrites("lower") == {"triton-lowrank": 3}
     plain = slimfx.compress(model, (x,), pipeline="factorize{rank=8,method=svd}", lower=False)
     assert torch.allclose(result(x), plain(x), atol=1e-5)
+
+
+def test_measured_lowering_times_each_kernel_compiled_and_takes_the_fastest():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    x = torch.randn(4, 64)
+    pipeline = "quant-lowrank{bits=4,group=32,rank=0}"
+    result = slimfx.compress(model, (x,), pipeline=f"{pipeline},lower{{tune=measure,storage=compressed}}",
+                             profile="cpu-generic")
+    note = next(n for n in result.report.notes if n.startswith("lower: 0.weight"))
+    text = note.split(": ", 2)[2]  # "torch-int4pack (123.4 us measured here; vs aten-dequant-linear 567.8 us)"
+    chosen = text.split(" ", 1)[0]
+    timings = {name: float(us) for name, us in re.findall(r"([a-z0-9-]+) \(?([0-9.]+) us", text)}
+    assert "measured here" in note and set(timings) == {"torch-int4pack", "aten-dequant-linear"}
+    assert timings[chosen] == min(timings.values())
+    canonical = slimfx.compress(model, (x,), pipeline=pipeline, lower=False)
+    assert torch.allclose(result(x), canonical(x), atol=1e-5)

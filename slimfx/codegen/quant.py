@@ -5,7 +5,8 @@ each K step loads the bytes under its tile, unpacks the codes on chip (code k of
 two neighbouring bytes always hold it), dequantizes with the group's scale and zero point, and multiplies. The
 same K loop accumulates X·Bᵀ, so the correction costs one [BM, r]·[r, BN] product at the end instead of two
 more GEMMs (unfused, about +57% over the W4 GEMM). The int8 form of the correction (per-row scales) is
-dequantized as it is loaded. Decode shapes (M ≤ 16) use 16-row tiles and more column programs.
+dequantized as it is loaded. Decode shapes (M ≤ 16) are memory-bound and give too few programs to fill a GPU, so
+they split K between programs (split-K), whose fp32 shares are summed before the bias and the epilogue.
 """
 from __future__ import annotations
 
@@ -26,17 +27,19 @@ import triton.language as tl
 
 
 @triton.jit
-def kernel(X, P, S, Z, A, B, AS, BS, BIAS, Y, {EXTRA_PARAMS}M, N, K, R, ROW_BYTES, GROUPS, sxm, sxk, sym, syn,
+def kernel(X, P, S, Z, A, B, AS, BS, BIAS, Y, WS, {EXTRA_PARAMS}M, N, K, R, ROW_BYTES, GROUPS, sxm, sxk, sym, syn,
+           K_SPLIT, SPLIT: tl.constexpr,
            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_LR: tl.constexpr, LR_INT8: tl.constexpr,
            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)  # split-K (decode): each program sums its share of K; the shares are added after
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rr = tl.arange(0, BR)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     t = tl.zeros((BM, BR), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(pid_k * K_SPLIT, pid_k * K_SPLIT + K_SPLIT, BK):
         rk = k0 + tl.arange(0, BK)
         in_k = rk < K
         x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & in_k[None, :], other=0.0)
@@ -61,12 +64,18 @@ def kernel(X, P, S, Z, A, B, AS, BS, BIAS, Y, {EXTRA_PARAMS}M, N, K, R, ROW_BYTE
         if LR_INT8:
             at = at.to(tl.float32) * tl.load(AS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         acc += tl.dot(t.to(X.dtype.element_ty), at.to(X.dtype.element_ty), input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    {EPILOGUE}
-    tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty), mask=mask)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        {EPILOGUE}
+        tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty), mask=mask)
+    else:  # the correction is linear in t, so each share adds its own part of it
+        tl.store(WS + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
 '''
+
+DECODE_ROWS = 16  # at most this many rows: memory-bound, so K is split between programs to fill the device
+PROGRAMS = 128
 
 CONFIGS = [{"BM": bm, "BN": bn, "BK": bk, "num_warps": w}
            for bm, bn, bk, w in ((16, 32, 64, 4), (16, 64, 128, 4), (32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 32, 8),
@@ -102,17 +111,33 @@ def quant_fused(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     configs = fitting(CONFIGS, m)
 
     def launch(config):
-        grid = (triton.cdiv(m, config["BM"]), triton.cdiv(n, config["BN"]))
+        grid_n = triton.cdiv(n, config["BN"])
+        split = splits(m, grid_n, k, config["BK"])
+        k_split = triton.cdiv(triton.cdiv(k, split), config["BK"]) * config["BK"]
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else dummy
+        grid = (triton.cdiv(m, config["BM"]), grid_n, split)
         wrap_triton(rendered.kernel)[grid](
             x2, packed, scales, zeros, a_, b_, a_scale if lr_int8 else dummy, b_scale if lr_int8 else dummy,
-            bias if bias is not None else dummy, y, *extra_args, m, n, k, rank, packed.shape[1], scales.shape[1],
-            x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), BITS=bits, GROUP=group, HAS_LR=rank > 0,
+            bias if bias is not None else dummy, y, partial, *extra_args, m, n, k, rank, packed.shape[1],
+            scales.shape[1], x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), k_split, SPLIT=split,
+            BITS=bits, GROUP=group, HAS_LR=rank > 0,
             LR_INT8=lr_int8, HAS_BIAS=bias is not None, PRECISION=precision(x), BM=config["BM"], BN=config["BN"], BK=config["BK"],
             BR=max(16, triton.next_power_of_2(max(rank, 1))), num_warps=config["num_warps"])
+
+        if split > 1:  # add the shares, then the bias and the epilogue (Inductor fuses these under compile)
+            total = partial.sum(0) + (bias.float() if bias is not None else 0)
+            y.copy_(spec.apply(total, [e.reshape(m, n).float() for e in extras]))
 
     run_tuned(lambda: f"quant|{spec}|{bits}b g{group} r{rank}|{x.dtype}|{bucket(m)},{n},{k}|{_device_name(x)}",
               configs, launch, x)
     return y.reshape(*x.shape[:-1], n)
+
+
+def splits(rows, column_programs: int, k: int, block_k: int) -> int:
+    """How many shares of K for a decode-shaped product (1 otherwise): enough programs to fill the device."""
+    if not isinstance(rows, int) or rows > DECODE_ROWS:
+        return 1
+    return max(1, min(8, PROGRAMS // max(column_programs, 1), triton.cdiv(k, block_k)))
 
 
 @quant_fused.register_fake

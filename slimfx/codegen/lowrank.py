@@ -78,11 +78,8 @@ def lowrank_fused(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: Optio
     spec = Epilogue.parse(epilogue)
     rendered = render("lowrank", TEMPLATE, spec)
     k, n, r = x.shape[-1], u.shape[0], v.shape[0]
-    x2 = x.reshape(-1, k)
+    x2, y, extra_args = source.as_rows(x, k, n, extras)
     m = x2.shape[0]
-    y = source.new_output(m, n, x)
-    flat_extras = [e.reshape(m, n) for e in extras]
-    extra_args = [a for e in flat_extras for a in (e, e.stride(0), e.stride(1))]
     block_r = max(16, triton.next_power_of_2(r))
     configs = fitting(CONFIGS, m)
 

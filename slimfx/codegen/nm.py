@@ -73,10 +73,8 @@ def nm_fused(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias:
     spec = Epilogue.parse(epilogue)
     rendered = render("nm", TEMPLATE, spec)
     k, out_f = in_features, values.shape[0]
-    x2 = x.reshape(-1, k)
+    x2, y, extra_args = source.as_rows(x, k, out_f, extras)
     rows = x2.shape[0]
-    y = source.new_output(rows, out_f, x)
-    extra_args = [arg for e in (e.reshape(rows, out_f) for e in extras) for arg in (e, e.stride(0), e.stride(1))]
     values, indices = values.contiguous(), indices.contiguous()
     configs = fitting(CONFIGS, rows)
 

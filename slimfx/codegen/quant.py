@@ -100,10 +100,8 @@ def quant_fused(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     spec = Epilogue.parse(epilogue)
     rendered = render("quant", TEMPLATE, spec)
     k, n = in_features, packed.shape[0]
-    x2 = x.reshape(-1, k)
+    x2, y, extra_args = source.as_rows(x, k, n, extras)
     m = x2.shape[0]
-    y = source.new_output(m, n, x)
-    extra_args = [arg for e in (e.reshape(m, n) for e in extras) for arg in (e, e.stride(0), e.stride(1))]
     packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
     lr_int8 = rank > 0 and a_scale is not None and b_scale is not None
     dummy = y

@@ -56,6 +56,15 @@ def new_output(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def as_rows(x: torch.Tensor, width_in: int, width_out: int, extras: list) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """A kernel op's input as rows [M, in], its output [M, out] (poisoned in tests), and the epilogue's extra
+    tensors as the kernel arguments (tensor, row stride, column stride)."""
+    rows = x.reshape(-1, width_in)
+    out = new_output(rows.shape[0], width_out, x)
+    flat = (e.reshape(rows.shape[0], width_out) for e in extras)
+    return rows, out, [arg for e in flat for arg in (e, e.stride(0), e.stride(1))]
+
+
 def extra_params(epilogue: Epilogue) -> str:
     return "".join(f"E{i}, se{i}m, se{i}n, " for i in range(epilogue.extras))
 

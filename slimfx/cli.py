@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small model on real data, compress it, and compare accuracy")
     p.add_argument("--model", default="digits-proj-cnn",
-                   help="built-in model to train (default: digits-proj-cnn; also digits-cnn, digits-mlp, digits-transformer)")
+                   help="built-in model to train (default: digits-proj-cnn; also digits-cnn, digits-mlp, digits-transformer, "
+                        "digits-mobilenet)")
     p.add_argument("--pipeline", default=None, help="passes to run (default: a fold-bn + factorize pipeline per model)")
     p.add_argument("--profile", default="cpu-generic", help="hardware profile name or file (default: cpu-generic)")
     p.set_defaults(fn=cmd_demo)

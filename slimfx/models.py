@@ -179,6 +179,7 @@ DEMO_PIPELINES = {
     "digits-mlp": "factorize{keep=0.3,exclude=fc3},dead-code",
     "digits-transformer": "factorize{keep=0.5,exclude=head|embed},dead-code",
     "digits-proj-cnn": "fold-bn,depth-merge,factorize{keep=0.5,exclude=conv1|fc2},dead-code",
+    "digits-mobilenet": "fold-bn,depth-merge{latency=0.7},dead-code",
 }
 
 

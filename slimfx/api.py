@@ -39,7 +39,18 @@ class CompressedModule(torch.nn.Module):
         self.parts = parts or []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.runner(*args, **kwargs)
+        if self.program is None:  # eager top-level code: its errors are the model's own
+            return self.runner(*args, **kwargs)
+        try:
+            return self.runner(*args, **kwargs)
+        except (TypeError, ValueError, RuntimeError, AssertionError) as exc:  # torch names internal arguments
+            from .passes.calibration import describe_inputs
+
+            example = describe_inputs(self.program.example_args, self.program.example_kwargs)
+            raise ModelInputError(
+                f"the compressed model does not take these inputs ({type(exc).__name__}: {one_line(exc)}); it was "
+                f"captured with {example}: pass inputs of the same structure, positional or keyword as there "
+                "(sizes may vary where the model allows, ranks and dtypes may not)") from exc
 
     def print_ir(self) -> str:
         if self.program is not None:

@@ -101,6 +101,9 @@ def save(module: torch.nn.Module, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "weights.safetensors", 0o666 & ~umask)  # like the other files (it is written as 0600)
     exported._example_inputs = None  # export keeps them (weights included) as sample inputs otherwise
     torch.export.save(exported, str(out / "program.pt2"))
     report = getattr(module, "report", None)

@@ -164,3 +164,14 @@ def test_lossy_pipelines_never_touch_the_users_model(digits_mlp):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert {k: id(p) for k, p in model.named_parameters()} == ids
     assert result.report.params_after < result.report.params_before
+
+
+def test_a_compressed_module_called_with_inputs_it_does_not_take_says_what_it_takes():
+    from slimfx.errors import ModelInputError
+
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    result = slimfx.compress(model, (torch.randn(2, 8),), pipeline="dead-code")
+    for call in (lambda: result(input=torch.randn(2, 8)), lambda: result(torch.randn(2, 8, dtype=torch.float64))):
+        with pytest.raises(ModelInputError, match=r"does not take these inputs.*captured with \(\(2, 8\)\)"):
+            call()
+    assert result(torch.randn(5, 8)).shape == (5, 4)  # other sizes where the model allows

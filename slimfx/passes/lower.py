@@ -61,6 +61,7 @@ class Lower(Pass):
         hints = size_hints(program.graph)
         decisions = []  # priced first, while every node has its metadata; emitted after
         claimed: set = set()  # epilogue nodes a fusing kernel already absorbs (a gate multiply has two layers)
+        runs_dense: list[str] = []
         for node in [n for n in program.graph.nodes if n.op == "call_function" and n.target in COMPRESSED]:
             region = _region(node, claimed)
             options, refused = [], []
@@ -82,9 +83,7 @@ class Lower(Pass):
                 kept = [pair for pair in priced if pair[1].keeps_storage]
                 dense = [pair for pair in priced if not pair[1].keeps_storage]
                 if kept and dense and kept[0][0] > dense[0][0]:
-                    ctx.skip(self.name, origin, "runs dense: every form that keeps it compressed is slower than dense "
-                             "on this target, so the compression saves memory only in the canonical model "
-                             "(compress(lower=False); lower{storage=compressed} keeps it at that speed)")
+                    runs_dense.append(origin)
                     priced = dense[:1] + [pair for pair in priced if pair is not dense[0]]
                 elif kept:
                     priced = kept[:1] + [pair for pair in priced if pair is not kept[0]]
@@ -95,9 +94,15 @@ class Lower(Pass):
             epilogue = region.epilogue
             others = ", ".join(f"{impl.name} {s * 1e6:.1f} us" for s, impl in priced[1:])
             fused = f", fusing {epilogue}" if chosen.fuses_epilogue and epilogue.steps else ""
-            where = "measured here" if self.tune == "measure" else f"on {profile.name}"
+            where = "measured here" if self.tune == "measure" else f"on {profile.name}" + (
+                "" if ctx.profile is not None else ", the built-in profile for this device")
             ctx.note(f"lower: {origin}: {chosen.name} ({seconds * 1e6:.1f} us {where}{fused}"
                      f"{'; vs ' + others if others else ''})")
+        if runs_dense:
+            ctx.note(f"lower: {len(runs_dense)} compressed layer(s) run dense, because every form that keeps them "
+                     f"compressed is predicted slower than dense on {profile.name}: {', '.join(runs_dense)}. Their "
+                     "compression then saves memory only in the canonical model (compress(..., lower=False)); "
+                     "lower{storage=compressed} keeps it at that speed")
         replaced: dict = {}  # node -> what now computes its value (an extra may be an earlier layer's output)
         for region, priced in decisions:
             region = dataclasses.replace(region, extras=tuple(replaced.get(e, e) for e in region.extras))

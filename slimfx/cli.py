@@ -85,7 +85,7 @@ def _explain_prediction(report: Any, measured_before_s: float, measured_after_s:
         lines.append(
             f"  the profile prices the original at {report.latency_before_s * 1e3:.2f} ms, but it measured "
             f"{measured_before_s * 1e3:.2f} ms: this machine is not the profile's, and torch.compile fuses what the "
-            "profile prices op by op (the compressed layers run as slimfx custom ops, which it cannot fuse). "
+            "profile prices op by op. "
             "`slimfx profile calibrate` fits a profile to this machine.")
     return lines
 

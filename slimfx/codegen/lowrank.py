@@ -44,11 +44,7 @@ def kernel(X, V, U, BIAS, Y, {EXTRA_PARAMS}M, N, K, R, sxm, sxk, svr, svk, sun, 
         rn = (pid_n * TILES + tile) * BN + tl.arange(0, BN)
         ut = tl.load(U + rn[None, :] * sun + rr[:, None] * sur, mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
         acc = tl.dot(t, ut, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
         {EPILOGUE}
-        tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty), mask=mask)
 '''
 
 CONFIGS = [{"BM": bm, "BN": bn, "BK": bk, "num_warps": w}

@@ -48,11 +48,7 @@ def kernel(X, VALS, IDX, BIAS, Y, {EXTRA_PARAMS}M, N, K, KEPT, IDX_BYTES, sxm, s
             index = (byte >> (bit % 8)[:, None]) & ((1 << IDX_BITS) - 1)
             w = tl.where(index == position, value.to(tl.float32), w)
         acc += tl.dot(x, w.to(X.dtype.element_ty), input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
     {EPILOGUE}
-    tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty), mask=mask)
 '''
 
 CONFIGS = [{"BM": bm, "BN": bn, "BK": bk, "num_warps": w}

@@ -64,14 +64,10 @@ def kernel(X, P, S, Z, A, B, AS, BS, BIAS, Y, WS, {EXTRA_PARAMS}M, N, K, R, ROW_
         if LR_INT8:
             at = at.to(tl.float32) * tl.load(AS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         acc += tl.dot(t.to(X.dtype.element_ty), at.to(X.dtype.element_ty), input_precision=PRECISION)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         {EPILOGUE}
-        tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty), mask=mask)
     else:  # the correction is linear in t, so each share adds its own part of it
-        tl.store(WS + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+        tl.store(WS + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 '''
 
 DECODE_ROWS = 16  # at most this many rows: memory-bound, so K is split between programs to fill the device

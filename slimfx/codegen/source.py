@@ -1,5 +1,8 @@
 """Rendered kernel sources: written to the kernel cache and imported, once per (family, epilogue, mode).
 
+A template marks with ``{EPILOGUE}`` where its tile is finished: the bias, the epilogue's steps and the one store
+are rendered there, the same for every kernel, and ``{EXTRA_PARAMS}`` where the epilogue's tensors are passed.
+
 Triton reads a kernel's source from its file, so a kernel rendered for an epilogue is written under
 ``$SLIMFX_CACHE/kernels/`` (``slimfx explain --kernels`` prints or dumps it) and imported from there. Triton's own
 cache then keys the compiled binaries by dtype, constexpr tile sizes and device; the tile configuration is
@@ -65,6 +68,16 @@ def as_rows(x: torch.Tensor, width_in: int, width_out: int, extras: list) -> tup
     return rows, out, [arg for e in flat for arg in (e, e.stride(0), e.stride(1))]
 
 
+def _tail(epilogue: Epilogue, indent: str) -> str:
+    """What every kernel does with its fp32 tile ``acc`` (rows ``rm``, columns ``rn``): add the bias, apply the
+    epilogue, store once."""
+    head = [f"{indent}if HAS_BIAS:",
+            f"{indent}    acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]",
+            f"{indent}mask = (rm[:, None] < M) & (rn[None, :] < N)"]
+    store = f"{indent}tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty), mask=mask)"
+    return "\n".join([*head, epilogue.render(indent), store])
+
+
 def extra_params(epilogue: Epilogue) -> str:
     return "".join(f"E{i}, se{i}m, se{i}n, " for i in range(epilogue.extras))
 
@@ -76,7 +89,7 @@ def render(family: str, template: str, epilogue: Epilogue) -> Rendered:
         return _LOADED[key]
     from ..models import cache_dir
 
-    source = re.sub(r"^( *){EPILOGUE}$", lambda match: epilogue.render(match.group(1)),
+    source = re.sub(r"^( *){EPILOGUE}$", lambda match: _tail(epilogue, match.group(1)),
                     template.replace("{EXTRA_PARAMS}", extra_params(epilogue)), flags=re.M)
     digest = hashlib.sha1(f"{source}|{key[2]}".encode()).hexdigest()[:12]
     path = cache_dir() / "kernels" / f"{family}_{digest}.py"

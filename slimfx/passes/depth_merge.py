@@ -26,11 +26,7 @@ from ..hw_profiles.op_costs import concrete, dtype_name, node_kernels, numel, sh
 from ..ir.fake_prop import refresh_metadata
 from ..ir.program import CONV2D, LINEAR, Program
 from .base import Pass, PassContext, register
-from .depth_spans import add_merged_layer, compose, ungrouped
-
-
-def _single_weight_use(program: Program, layer: fx.Node) -> bool:
-    return program.is_weight(layer.args[1]) and len(layer.args[1].users) == 1
+from .depth_spans import add_merged_layer, compose, single_use_weight, ungrouped
 
 
 def _bias(program: Program, layer: fx.Node, index: int) -> torch.Tensor | None | bool:
@@ -97,7 +93,7 @@ def _chain(program: Program, second: fx.Node, skip: int = 0) -> fx.Node | str | 
         return None
     if len(first.users) != 1:
         return "the intermediate is used elsewhere"
-    if not (_single_weight_use(program, first) and _single_weight_use(program, second)):
+    if not (single_use_weight(program, first.args[1]) and single_use_weight(program, second.args[1])):
         return "a weight is shared or not constant"
     return first
 

@@ -26,16 +26,16 @@ from ..errors import BudgetError, CalibrationError, NumericalMismatchError
 from ..hw_profiles.calibrate import measure
 from ..hw_profiles.cost_model import latency as kernels_latency
 from ..hw_profiles.op_costs import concrete, node_kernels, program_cost, size_hints
-from ..hw_profiles.profiles import Profile
+from ..hw_profiles.profiles import Profile, local_profile
 from ..ir.fake_prop import refresh_metadata
 from ..ir.program import CONV2D, Program
+from ..timing import random_like
 from .calibration import ActivationStats, calibration_inputs
 from .depth_dp import INF, DepthPlan, fastest_runs, solve
 from .depth_spans import (Chain, add_merged_layer, find_chains, grows, merged_args, merged_kernels, merged_weights,
                           moved_padding, run_mergeable)
 from .distill import distill, output_error, outputs_on
 from .manager import exact_tolerance
-from ..timing import random_like
 
 Tables = Literal["profile", "measure"]
 
@@ -56,7 +56,6 @@ class SpanCandidate:
 class _Layout:
     """Every chain's layers laid end to end, so one DP covers the whole model (blocks never cross chains)."""
 
-    chains: list[Chain]
     layers: list[fx.Node]
     chain_of: list[int]  # per global layer index
     activation_at: list[fx.Node | None]  # per global boundary
@@ -68,7 +67,7 @@ class _Layout:
             layers += chain.layers
             chain_of += [c] * len(chain.layers)
             activation_at += chain.activations[:-1]
-        return cls(chains, layers, chain_of, activation_at + [None])
+        return cls(layers, chain_of, activation_at + [None])
 
     def same_chain(self, i: int, j: int) -> bool:
         return self.chain_of[i] == self.chain_of[j - 1]
@@ -143,7 +142,7 @@ class DepthShrink:
             raise CalibrationError("depth-merge{latency=...} runs the model on calibration batches, which needs a "
                                    "captured model (slimfx.compress); under torch.compile use exact merges only")
         self.program, self.ctx = program, ctx
-        self.profile = (ctx.profile or _local_profile()) if tables == "profile" else None
+        self.profile = (ctx.profile or local_profile()) if tables == "profile" else None
         self.timer = _Timer(program, self.profile, tables)
         self.batches = calibration_inputs(program, ctx.calibration)
         self.reference = outputs_on(program, self.batches)
@@ -253,12 +252,6 @@ class DepthShrink:
             program.graph.erase_node(layer)
         info = program.weights[merged.args[1].target]
         self.ctx.note(f"depth-merge: {info.origin}: {info.note}")
-
-
-def _local_profile() -> Profile:
-    from ..hw_profiles.profiles import local_profile
-
-    return local_profile()
 
 
 def span_candidates(program: Program, ctx, tables: Tables = "profile") -> list[SpanCandidate]:

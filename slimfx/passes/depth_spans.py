@@ -24,23 +24,23 @@ from ..ir.op_table import ACTIVATIONS, op_name
 from ..ir.program import CONV2D, LINEAR, Program
 
 
-
 @dataclass
 class Chain:
     layers: list[fx.Node]  # n layers of one kind, in order
     activations: list[fx.Node | None]  # n + 1 entries: the activation at each boundary (0 and n: none)
 
-    @property
-    def kind(self) -> str:
-        return "conv" if self.layers[0].target == CONV2D else "linear"
+
+def single_use_weight(program: Program, node) -> bool:
+    """A constant weight that only this one layer reads (so merging may replace it)."""
+    return program.is_weight(node) and len(node.users) == 1
 
 
 def _is_layer(program: Program, node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in (CONV2D, LINEAR) or len(node.args) < 2:
         return False
     weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else None
-    constant = program.is_weight(weight) and len(weight.users) == 1 and weight.meta["val"].is_floating_point()
-    return constant and (bias is None or (program.is_weight(bias) and len(bias.users) == 1))
+    return single_use_weight(program, weight) and weight.meta["val"].is_floating_point() \
+        and (bias is None or single_use_weight(program, bias))
 
 
 def find_chains(program: Program) -> list[Chain]:

@@ -62,10 +62,13 @@ class Lower(Pass):
         decisions = []  # priced first, while every node has its metadata; emitted after
         claimed: set = set()  # epilogue nodes a fusing kernel already absorbs (a gate multiply has two layers)
         runs_dense: list[str] = []
+        keep_storage = self.storage == "compressed" or (self.storage == "auto" and ctx.profile is None)
+        preferred = set(filter(None, self.prefer.split("|")))
+        where = "measured here" if self.tune == "measure" else f"on {profile.name}" + (
+            "" if ctx.profile is not None else ", the built-in profile for this device")
         for node in [n for n in program.graph.nodes if n.op == "call_function" and n.target in COMPRESSED]:
             region = _region(node, claimed)
             options, refused = [], []
-            keep_storage = self.storage == "compressed" or (self.storage == "auto" and ctx.profile is None)
             for impl in impls_for(node.target, device):
                 why = impl.why_not(program, node) or (
                     "expands the compressed weights" if not impl.keeps_storage and keep_storage else None)
@@ -76,7 +79,6 @@ class Lower(Pass):
                 ctx.skip(self.name, origin, "no kernel applies, the reference op stays: "
                          + "; ".join(f"{i.name}: {why}" for i, why in refused))
                 continue
-            preferred = set(filter(None, self.prefer.split("|")))
             priced = sorted(((self._price(program, region, impl, profile, hints), impl) for impl, _ in options),
                             key=lambda pair: (pair[1].name not in preferred, pair[0]))
             if self.storage == "auto" and priced[0][1].name not in preferred:
@@ -91,11 +93,8 @@ class Lower(Pass):
             seconds, chosen = priced[0]
             if chosen.fuses_epilogue:
                 claimed.update(region.chain)
-            epilogue = region.epilogue
             others = ", ".join(f"{impl.name} {s * 1e6:.1f} us" for s, impl in priced[1:])
-            fused = f", fusing {epilogue}" if chosen.fuses_epilogue and epilogue.steps else ""
-            where = "measured here" if self.tune == "measure" else f"on {profile.name}" + (
-                "" if ctx.profile is not None else ", the built-in profile for this device")
+            fused = f", fusing {region.epilogue}" if chosen.fuses_epilogue and region.epilogue.steps else ""
             ctx.note(f"lower: {origin}: {chosen.name} ({seconds * 1e6:.1f} us {where}{fused}"
                      f"{'; vs ' + others if others else ''})")
         if runs_dense:

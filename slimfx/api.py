@@ -70,6 +70,10 @@ def compress(
     dynamic: bool = True,
     on_pass: Callable | None = None,
     lower: bool = True,
+    budget: Any = None,
+    workload: Any = None,
+    tune: str = "model",
+    heal: int = 0,
 ) -> CompressedModule:
     """Compress ``model`` with ``pipeline`` (text like ``"fold-bn,factorize{keep=0.5}"`` or Pass objects).
 
@@ -78,7 +82,17 @@ def compress(
     original model on the example inputs; above ``BROKEN_ERROR`` a warning names the layers most to blame.
     The pipeline ends with the ``lower`` stage (kernels for ``profile``'s device) unless it names it itself, or
     ``lower=False`` keeps the canonical compressed ops (to inspect them, or to save a target-neutral model).
+
+    ``budget={"latency": 0.5}`` (or ``{"memory": "2GB"}``, ``{"max_error": 0.01}``, text ``"latency=0.5"``) plans
+    the lossy passes instead of a hand-written pipeline: the ``plan`` pass chooses each layer's technique and
+    setting for ``profile`` (this machine's built-in profile without one) at ``workload``
+    (``{"batch": 1, "seq": 512, "phase": "decode"}``; the example inputs' sizes by default), priced by the cost
+    model or, with ``tune="measure"``, timed here. ``heal=200`` then distils the compressed layers for 200 steps
+    against the original's outputs on the calibration batches. ``report.plans`` holds the plan.
     """
+    from .passes.plan import with_budget
+
+    pipeline = with_budget(pipeline, budget, workload, tune, heal)
     manager = PassManager(pipeline, check=check, on_pass=on_pass, lower=lower)  # fail fast on a bad pipeline
     ctx = PassContext(profile=resolve_profile(profile), calibration=calibration)
     check_calibration(calibration, "slimfx.compress")

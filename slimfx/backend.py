@@ -30,6 +30,9 @@ class BackendOptions:
     inductor: bool = True  # False: run the rewritten graph as is (eager), e.g. to debug a pass
     lower: bool = True  # end the pipeline with the lower stage (kernels for the profile's device)
     check: bool = False  # compare each pass against the original on the first call's inputs
+    budget: Any = None  # plan the lossy passes for this budget, e.g. {"latency": 0.5} (see slimfx.compress)
+    workload: Any = None  # the sizes the plan is priced at, e.g. {"batch": 1, "seq": 1, "phase": "decode"}
+    tune: str = "model"  # "measure": time the plan's options and the kernels on this device
     report: Report | None = None  # pass a Report to collect what happened to every subgraph
     on_pass: Callable | None = field(default=None, repr=False)
 
@@ -41,7 +44,11 @@ class BackendOptions:
         if unknown:
             raise PipelineError(f"unknown slimfx backend option(s) {unknown}; known options: {sorted(known)}")
         result = cls(**options)
-        PassManager(result.pipeline)  # parse now: a bad pipeline fails at the first call with a clear message
+        from .passes.plan import with_budget
+
+        # parse now: a bad pipeline or budget fails at the first call with a clear message
+        result.pipeline = with_budget(result.pipeline, result.budget, result.workload, result.tune)
+        PassManager(result.pipeline)
         check_calibration(result.calibration, "torch.compile(..., backend='slimfx')", raw_batches=False)
         return result
 

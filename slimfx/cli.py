@@ -95,7 +95,10 @@ def _validate(args: argparse.Namespace) -> None:
     from .hw_profiles.profiles import resolve_profile
     from .passes import PassManager
 
-    PassManager(args.pipeline)
+    from .passes.plan import with_budget
+
+    PassManager(with_budget(args.pipeline, getattr(args, "budget", None), getattr(args, "workload", None),
+                            getattr(args, "tune", "model"), getattr(args, "heal", 0)))
     resolve_profile(args.profile)
 
 
@@ -108,7 +111,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _validate(args)
     model, example, data = load_model(args.model, args.input_shape)
     calibration = _calibration(data)
-    result = compress(model, example, pipeline=args.pipeline, profile=args.profile, calibration=calibration)
+    if args.budget and calibration is None:
+        raise SlimfxError("--budget plans with calibration data, which only the built-in models bring here; in "
+                          "Python pass calibration= to slimfx.compress(..., budget=...)")
+    result = compress(model, example, pipeline=args.pipeline, profile=args.profile, calibration=calibration,
+                      budget=args.budget, workload=args.workload, tune=args.tune, heal=args.heal)
     print(result.report.summary())
     if data is not None:
         print("\n".join(_compare(model, result, data)[0]))
@@ -120,6 +127,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.report_json:
         with open(args.report_json, "w") as fh:
             json.dump(result.report.to_dict(), fh, indent=2, default=str)
+    if args.report:
+        from .report import write_report
+
+        paths = write_report(result.report, args.report, f"slimfx compress {args.model}", html_too=True)
+        print(f"report written: {', '.join(map(str, paths))}")
     return 0
 
 
@@ -232,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, DEMO_PIPELINE)
     p.add_argument("--out", help="save the compressed model to this directory (slimfx.load reads it)")
     p.add_argument("--report-json", help="write the report as JSON here")
+    p.add_argument("--report", metavar="DIR", help="write report.md, report.html, report.json (and pareto.png) here")
+    p.add_argument("--budget", default=None,
+                   help="plan the lossy passes for a budget instead: latency=0.5 (fraction of dense), memory=2GB, "
+                        "max_error=0.01, or combined: latency=0.5,max_error=0.01")
+    p.add_argument("--workload", default=None, help="sizes the plan is priced at: batch=1,seq=512,phase=decode")
+    p.add_argument("--tune", choices=["model", "measure"], default="model",
+                   help="price the plan on the profile (model) or time its options on this machine (measure)")
+    p.add_argument("--heal", type=int, default=0, metavar="STEPS",
+                   help="distil the compressed layers against the original for STEPS steps")
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("explain", help="print the IR after capture and after every pass")

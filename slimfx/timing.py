@@ -45,14 +45,15 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 15, min_time
     return {n: Timing(statistics.median(s), min(s), max(s), rounds) for n, s in samples.items()}
 
 
-def random_like(node) -> "torch.Tensor":
-    """A random tensor shaped like an fx node's value at its example sizes (for timing a piece of a graph)."""
+def random_like(node, hints: dict | None = None) -> "torch.Tensor":
+    """A random tensor shaped like an fx node's value at its example sizes, or at ``hints`` (symbol -> size), for
+    timing a piece of a graph."""
     import torch
 
     from .hw_profiles.op_costs import concrete, size_hints
 
     value = node.meta["val"]
-    hints = size_hints(node.graph)
+    hints = size_hints(node.graph) if hints is None else hints
     dims = [int(concrete(d.node.expr, hints)) if isinstance(d, torch.SymInt) else int(d) for d in value.shape]
     if value.is_floating_point():
         return torch.randn(dims, dtype=value.dtype, device=value.device)

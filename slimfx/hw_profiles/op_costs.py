@@ -180,11 +180,11 @@ class ProgramCost:
         return "\n".join(lines)
 
 
-def program_cost(graph: fx.Graph, profile: Profile) -> ProgramCost:
-    """Sum of per-node roofline latencies at the example sizes, with the breakdown."""
+def program_cost(graph: fx.Graph, profile: Profile, hints: dict | None = None) -> ProgramCost:
+    """Sum of per-node roofline latencies at the example sizes (or ``hints``: symbol -> size), with the breakdown."""
     from ..ir.printer import op_name
 
-    hints = size_hints(graph)
+    hints = size_hints(graph) if hints is None else hints
     rows = []
     for node in graph.nodes:
         kernels = node_kernels(node)

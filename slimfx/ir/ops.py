@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 
-@torch.library.custom_op("slimfx::lowrank_linear", mutates_args=())
-def lowrank_linear(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _lowrank_linear_reference(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y = (x · vᵀ) · uᵀ + bias, with v: [r, in] and u: [out, r]. Reference: two GEMMs."""
     return F.linear(F.linear(x, v), u, bias)
+
+
+lowrank_linear = torch.library.custom_op("slimfx::lowrank_linear", mutates_args=())(_lowrank_linear_reference)
 
 
 @lowrank_linear.register_fake
@@ -27,13 +29,15 @@ def _(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Te
 LOWRANK_LINEAR = torch.ops.slimfx.lowrank_linear.default
 
 
-@torch.library.custom_op("slimfx::nm_linear", mutates_args=())
-def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor], n: int,
+def _nm_linear_reference(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor], n: int,
               m: int, in_features: int) -> torch.Tensor:
     """y = x · W_sparseᵀ + bias, W stored as N:M values + packed indices. Reference: decompress, then GEMM."""
     from .sparse_format import decompress
 
     return F.linear(x, decompress(values, indices, n, m, in_features), bias)
+
+
+nm_linear = torch.library.custom_op("slimfx::nm_linear", mutates_args=())(_nm_linear_reference)
 
 
 @nm_linear.register_fake
@@ -47,8 +51,7 @@ def _(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Option
 NM_LINEAR = torch.ops.slimfx.nm_linear.default
 
 
-@torch.library.custom_op("slimfx::quant_linear", mutates_args=())
-def quant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+def _quant_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  a: Optional[torch.Tensor], b: Optional[torch.Tensor], a_scale: Optional[torch.Tensor],
                  b_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int, group: int,
                  in_features: int) -> torch.Tensor:
@@ -66,6 +69,9 @@ def quant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     return y
 
 
+quant_linear = torch.library.custom_op("slimfx::quant_linear", mutates_args=())(_quant_linear_reference)
+
+
 @quant_linear.register_fake
 def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, a: Optional[torch.Tensor],
       b: Optional[torch.Tensor], a_scale: Optional[torch.Tensor], b_scale: Optional[torch.Tensor],
@@ -76,3 +82,8 @@ def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.
 
 
 QUANT_LINEAR = torch.ops.slimfx.quant_linear.default
+
+# The ops' math as plain differentiable torch functions (the custom ops have no autograd formula): healing runs
+# compressed layers through these to train their factors and kept values.
+REFERENCE = {LOWRANK_LINEAR: _lowrank_linear_reference, NM_LINEAR: _nm_linear_reference,
+             QUANT_LINEAR: _quant_linear_reference}

@@ -31,6 +31,9 @@ class PassContext:
     layer_errors: dict[str, float] = field(default_factory=dict)  # weight origin -> predicted relative error
     inputs_changed: set[str] = field(default_factory=set)  # layers whose input a pass changed (stats now stale)
     revision: int = 0  # bumped by the manager after every pass that rewrote the program
+    plans: list = field(default_factory=list)  # the planner's Plans (slimfx.plan.Plan), one per planned graph
+    reference: Any = None  # (calibration batches, the original's outputs on them), for passes that need them
+    heal_errors: tuple[float, float] | None = None  # output error before and after healing
 
     def note(self, message: str) -> None:
         self.notes.append(message)

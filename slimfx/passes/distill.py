@@ -75,10 +75,12 @@ def trainable_weights(program: Program) -> list[str]:
 
 
 def distill(program: Program, batches: list, reference: list, steps: int = 300, lr: float = 1e-3,
-            pass_name: str = "depth-merge", targets: list[str] | None = None) -> tuple[float, float]:
+            pass_name: str = "depth-merge", targets: list[str] | None = None,
+            overrides: dict[fx.Node, Override] | None = None) -> tuple[float, float]:
     """Fine-tune the program's trainable weights (or ``targets``) so its outputs match ``reference`` on
-    ``batches``. Returns the output error (as ``output_error``) before and after."""
-    before = output_error(program, batches, reference)
+    ``batches``; ``overrides`` run nodes differentiably (compressed ops through their reference math). Returns the
+    output error (as ``output_error``) before and after."""
+    before = output_error(program, batches, reference, overrides)
     targets = trainable_weights(program) if targets is None else targets
     if steps <= 0 or not targets or before == 0.0:
         return before, before
@@ -92,7 +94,7 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
         for _, index in zip(range(steps), itertools.cycle(range(len(batches)))):
             for t, p in params.items():
                 _set(program.gm, t, p.to(originals[t].dtype))
-            outputs = run(program, batches[index])
+            outputs = run(program, batches[index], overrides)
             loss = sum(torch.nn.functional.mse_loss(y.float(), y0.float())
                        for y, y0 in zip(outputs, reference[index])) / energy[index]
             optimizer.zero_grad()
@@ -100,14 +102,15 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
             optimizer.step()
     for t, p in params.items():
         _set(program.gm, t, p.detach().to(originals[t].dtype))
-    after = output_error(program, batches, reference)
+    after = output_error(program, batches, reference, overrides)
     if not after <= before:  # never leave the model worse than the fine-tuning found it (nor NaN)
         for t, value in originals.items():
             _set(program.gm, t, value)
         return before, before
     for t in params:
         info = program.weights[t]
-        info.kind, info.derived_by = "derived", pass_name
+        if info.kind != "derived":  # a pass's tensor keeps its maker (and its constraints); the user's becomes ours
+            info.kind, info.derived_by = "derived", pass_name
         info.note = (info.note + "; " if info.note else "") + f"distilled {steps} steps"
     return before, after
 

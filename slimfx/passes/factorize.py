@@ -54,7 +54,7 @@ class Factorize(Pass):
     alpha: float = 0.5
     damp: float = 1e-6
     exclude: str = ""  # regex on weight names, e.g. "head|embed"
-    plan: Optional[dict] = None  # weight origin -> rank, from the planner
+    plan: Optional[dict] = None  # weight origin -> rank, from the planner: only these layers, exactly these ranks
 
     def validate(self) -> None:
         given = [k for k in ("keep", "rank", "energy", "plan") if getattr(self, k) is not None]
@@ -73,7 +73,7 @@ class Factorize(Pass):
     # -- choosing ----------------------------------------------------------------------------------------------
     def choose_rank(self, origin: str, factors: LowRankFactors, out_f: int, in_f: int, multiple: int) -> int:
         if self.plan is not None:
-            rank = self.plan.get(origin, 0)
+            rank = self.plan[origin]
             if rank >= min(out_f, in_f):
                 raise PipelineError(f"factorize: plan gives rank {rank} to {origin}, which is {out_f}x{in_f}: "
                                     f"the rank must be below {min(out_f, in_f)} to shrink it")
@@ -98,7 +98,7 @@ class Factorize(Pass):
         for node in progress(layers, "factorize layers"):
             target = node.args[1].target
             origin = program.weights[target].origin
-            if self.exclude and re.search(self.exclude, origin):
+            if (self.exclude and re.search(self.exclude, origin)) or (self.plan is not None and origin not in self.plan):
                 continue
             if program.weights[target].derived_by == self.name:
                 continue  # already one half of a factorized pair
@@ -143,7 +143,7 @@ class Factorize(Pass):
             return "skipped-rank-zero"
         if rank >= min(rows, cols) or rank * (rows + cols) >= rows * cols:
             return "skipped-rank-too-large"
-        if ctx.profile is not None:
+        if ctx.profile is not None and self.plan is None:  # a planned rank was priced already: it is not overridden
             dense_s, factored_s = self._latencies(node, rank, spatial, ctx.profile, hints)
             if factored_s >= dense_s:
                 return "skipped-slower-on-profile"

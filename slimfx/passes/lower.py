@@ -68,27 +68,15 @@ class Lower(Pass):
             "" if ctx.profile is not None else ", the built-in profile for this device")
         for node in [n for n in program.graph.nodes if n.op == "call_function" and n.target in COMPRESSED]:
             region = _region(node, claimed)
-            options, refused = [], []
-            for impl in impls_for(node.target, device):
-                why = impl.why_not(program, node) or (
-                    "expands the compressed weights" if not impl.keeps_storage and keep_storage else None)
-                (refused if why else options).append((impl, why))
             origin = _origin(program, node)
-            if not options:
+            priced, refused, dense = self.rank(program, region, device, profile, hints, keep_storage, preferred)
+            if not priced:
                 counts["reference"] += 1
                 ctx.skip(self.name, origin, "no kernel applies, the reference op stays: "
                          + "; ".join(f"{i.name}: {why}" for i, why in refused))
                 continue
-            priced = sorted(((self._price(program, region, impl, profile, hints), impl) for impl, _ in options),
-                            key=lambda pair: (pair[1].name not in preferred, pair[0]))
-            if self.storage == "auto" and priced[0][1].name not in preferred:
-                kept = [pair for pair in priced if pair[1].keeps_storage]
-                dense = [pair for pair in priced if not pair[1].keeps_storage]
-                if kept and dense and kept[0][0] > dense[0][0]:
-                    runs_dense.append(origin)
-                    priced = dense[:1] + [pair for pair in priced if pair is not dense[0]]
-                elif kept:
-                    priced = kept[:1] + [pair for pair in priced if pair is not kept[0]]
+            if dense:
+                runs_dense.append(origin)
             decisions.append((region, priced))
             seconds, chosen = priced[0]
             if chosen.fuses_epilogue:
@@ -112,6 +100,29 @@ class Lower(Pass):
         program.drop_unused_weights()
         return counts
 
+    def rank(self, program: Program, region: Region, device: str, profile, hints: dict, keep_storage: bool,
+             preferred: set[str] = frozenset()) -> tuple[list[tuple[float, Impl]], list[tuple[Impl, str]], bool]:
+        """The kernels that can run ``region`` on ``device``, cheapest (as this pass would choose) first, with the
+        refused ones and why, and whether the choice runs the layer dense (``storage=auto``: every form that
+        keeps the compressed weights is slower there than the dense one). The planner prices its options here."""
+        options, refused = [], []
+        for impl in impls_for(region.node.target, device):
+            why = impl.why_not(program, region.node) or (
+                "expands the compressed weights" if not impl.keeps_storage and keep_storage else None)
+            (refused if why else options).append((impl, why))
+        priced = sorted(((self._price(program, region, impl, profile, hints), impl) for impl, _ in options),
+                        key=lambda pair: (pair[1].name not in preferred, pair[0]))
+        runs_dense = False
+        if priced and self.storage == "auto" and priced[0][1].name not in preferred:
+            kept = [pair for pair in priced if pair[1].keeps_storage]
+            dense = [pair for pair in priced if not pair[1].keeps_storage]
+            if kept and dense and kept[0][0] > dense[0][0]:
+                runs_dense = True
+                priced = dense[:1] + [pair for pair in priced if pair is not dense[0]]
+            elif kept:
+                priced = kept[:1] + [pair for pair in priced if pair is not kept[0]]
+        return priced, refused, runs_dense
+
     def _device(self, program: Program, ctx: PassContext) -> str:
         if self.device != "auto":
             return self.device
@@ -122,7 +133,7 @@ class Lower(Pass):
 
     def _price(self, program: Program, region: Region, impl: Impl, profile, hints: dict) -> float:
         if self.tune == "measure":
-            return _measured(program, region, impl)
+            return _measured(program, region, impl, hints)
         kernels = list(impl.cost(region.node))
         if not impl.fuses_epilogue:  # the epilogue's ops run separately (Inductor may fuse some of them)
             for node in region.chain:
@@ -142,26 +153,70 @@ class Lower(Pass):
         return replaced, new
 
 
-_MEASURED: dict[tuple, float] = {}  # (kernel, shapes, epilogue, device) -> seconds, for this process
+def device_key(device: str) -> str:
+    """Names the machine a measurement belongs to (measurements are cached per device)."""
+    import platform
+
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name()}"
+    return f"cpu:{platform.machine()}:{platform.processor() or 'cpu'}:{torch.get_num_threads()}threads"
 
 
-def _measured(program: Program, region: Region, impl: Impl) -> float:
-    """The region lowered by ``impl``, alone, compiled by torch.compile and timed on its example sizes."""
+class _MeasuredCache:
+    """Seconds per (kernel, epilogue, sizes) on one device, kept in ``$SLIMFX_CACHE/measured.json``."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, float] | None = None
+
+    def _path(self):
+        from ..models import cache_dir
+
+        return cache_dir() / "measured.json"
+
+    def get(self, key: str, time_it) -> float:
+        import json
+
+        if self.entries is None:
+            try:
+                self.entries = json.loads(self._path().read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+        if key not in self.entries:
+            self.entries[key] = time_it()
+            try:
+                self._path().parent.mkdir(parents=True, exist_ok=True)
+                self._path().write_text(json.dumps(self.entries, indent=0, sort_keys=True))
+            except OSError:
+                pass  # a read-only cache only costs re-measuring
+        return self.entries[key]
+
+
+MEASURED = _MeasuredCache()
+
+
+def _measured(program: Program, region: Region, impl: Impl | None, hints: dict | None = None) -> float:
+    """The region lowered by ``impl`` (None: as it is, e.g. a dense layer), alone, compiled by torch.compile and
+    timed on its example sizes (or ``hints``'); cached per device."""
     from ..hw_profiles.calibrate import measure
 
-    sub, sub_region, inputs = _alone(program, region)
-    key = (impl.name, str(region.epilogue), tuple((tuple(t.shape), t.dtype, t.device.type) for t in inputs),
-           tuple(tuple(program.tensor(a).shape) for a in region.node.all_input_nodes if program.is_weight(a)))
-    if key not in _MEASURED:
-        Lower._emit(sub, sub_region, impl)
+    sub, sub_region, inputs = _alone(program, region, hints)
+    device = inputs[0].device.type
+    shapes = [tuple(t.shape) for t in inputs] + [tuple(program.tensor(a).shape) for a in region.node.all_input_nodes
+                                                 if program.is_weight(a)]
+    key = "|".join(map(str, (device_key(device), impl.name if impl else f"as-is:{region.node.target}",
+                             region.epilogue, inputs[0].dtype, shapes, [a for a in region.node.args[2:] if not isinstance(a, fx.Node)])))
+
+    def time_it() -> float:
+        if impl is not None:
+            Lower._emit(sub, sub_region, impl)
         sub.gm.recompile()
         compiled = torch.compile(sub.gm, dynamic=False)
         with torch.no_grad():
-            _MEASURED[key] = measure(lambda: compiled(*inputs), inputs[0].device.type, 0.02, 5)
-    return _MEASURED[key]
+            return measure(lambda: compiled(*inputs), device, 0.02, 5)
+    return MEASURED.get(key, time_it)
 
 
-def _alone(program: Program, region: Region) -> tuple[Program, Region, list]:
+def _alone(program: Program, region: Region, hints: dict | None = None) -> tuple[Program, Region, list]:
     """A program holding only the region: its inputs as placeholders (random, at the example sizes), its weights."""
     from ..ir.program import WeightInfo
     from ..timing import random_like
@@ -180,7 +235,7 @@ def _alone(program: Program, region: Region) -> tuple[Program, Region, list]:
                 env[arg] = graph.get_attr(name)
             else:
                 env[arg] = graph.placeholder(f"input{len(inputs)}")
-                inputs.append(random_like(arg))
+                inputs.append(random_like(arg, hints))
             env[arg].meta = dict(arg.meta)
         env[node] = graph.node_copy(node, lambda a: env[a])
     graph.output(env[nodes[-1]])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -50,6 +51,8 @@ class Report:
     final_rel_error: float | None = None  # compressed vs original model on the example inputs
     skipped: list[Skip] = field(default_factory=list)  # layers a pass left alone, with the reason
     layer_errors: dict[str, float] = field(default_factory=dict)  # weight origin -> predicted relative error
+    plans: list = field(default_factory=list)  # the planner's decisions (slimfx.plan.Plan), one per planned graph
+    heal_errors: tuple[float, float] | None = None  # output error on calibration data before and after healing
 
     def rewrites(self, name: str) -> dict[str, int]:
         """Rewrite counts of the first pass called ``name`` (e.g. ``report.rewrites("fold-bn")``)."""
@@ -64,6 +67,8 @@ class Report:
         self.notes.extend(other.notes)
         self.skipped.extend(other.skipped)
         self.layer_errors.update(other.layer_errors)
+        self.plans.extend(other.plans)
+        self.heal_errors = self.heal_errors or other.heal_errors
         for key in ("params_before", "params_after", "flops_before", "flops_after",
                     "weight_bytes_before", "weight_bytes_after", "latency_before_s", "latency_after_s"):
             mine, theirs = getattr(self, key), getattr(other, key)
@@ -71,7 +76,10 @@ class Report:
         self.cost = other.cost if self.cost is None else self.cost
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        plans = [plan.to_dict() for plan in self.plans]
+        result = asdict(dataclasses.replace(self, plans=[]))
+        result["plans"] = plans
+        return result
 
     def summary(self) -> str:
         lines = [f"pipeline: {self.pipeline or '(empty)'}"]
@@ -96,6 +104,11 @@ class Report:
                          f"{self.latency_after_s * 1e6:.1f} us ({self.latency_before_s / self.latency_after_s:.2f}x)")
         if self.final_rel_error is not None:
             lines.append(f"  output error vs original (relative L2): {self.final_rel_error:.3e}")
+        if self.heal_errors is not None:
+            lines.append(f"  healing: output error on calibration data {self.heal_errors[0]:.4f} -> "
+                         f"{self.heal_errors[1]:.4f}")
+        for plan in self.plans:
+            lines.extend("  " + line for line in str(plan).splitlines())
         lines.extend(f"  note: {n}" for n in self.grouped_notes())
         return "\n".join(lines)
 
@@ -173,6 +186,7 @@ class PassManager:
         tolerance = exact_tolerance(reference, self.exact_rtol)
         latency = self._latency(program, ctx)
         report.latency_before_s = latency
+        self._keep_reference(program, ctx)
         for pass_ in self.passes:
             params, flops = program.parameter_count(), program_flops(program.graph)
             start = time.perf_counter()
@@ -211,6 +225,8 @@ class PassManager:
         report.notes.extend(ctx.notes)
         report.skipped.extend(ctx.skipped)
         report.layer_errors.update(ctx.layer_errors)
+        report.plans.extend(ctx.plans)
+        report.heal_errors = ctx.heal_errors
         report.params_after = program.parameter_count()
         report.weight_bytes_after = program.weight_bytes()
         report.flops_after = program_flops(program.graph)
@@ -218,6 +234,19 @@ class PassManager:
         if ctx.profile is not None:
             report.cost = program_cost(program.graph, ctx.profile)
         return report
+
+    def _keep_reference(self, program: Program, ctx: PassContext) -> None:
+        """The original's outputs on calibration batches, for passes that train against them (heal)."""
+        wanting = [p for p in self.passes if getattr(p, "needs_reference", False)]
+        if not wanting or ctx.reference is not None or ctx.calibration is None:
+            return
+        from .calibration import ActivationStats, calibration_inputs
+        from .distill import outputs_on
+
+        if isinstance(ctx.calibration, ActivationStats):
+            return  # the pass says what it needs
+        batches = calibration_inputs(program, ctx.calibration, max(p.batches for p in wanting))
+        ctx.reference = (batches, outputs_on(program, batches))
 
     @staticmethod
     def _latency(program: Program, ctx: PassContext) -> float | None:

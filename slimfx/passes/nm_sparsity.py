@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.fx as fx
@@ -44,6 +44,7 @@ class NMSparsity(Pass):
     block: int = 128
     damp: float = 0.01
     permute: bool = False  # reorder input channels for a better mask, folded into the producing layer
+    plan: Optional[dict] = None  # weight origin -> (n, m), from the planner: only these layers, these patterns
 
     def validate(self) -> None:
         if self.m < 2:
@@ -55,6 +56,11 @@ class NMSparsity(Pass):
         if not 0 <= self.damp < 1:
             raise self.invalid("damp", "must be in [0, 1)")
         self.check_regex("exclude", "only")
+        if self.plan is not None and self.permute:
+            raise self.invalid("permute", "cannot be combined with a plan (the planner priced unpermuted masks)")
+        for origin, (n, m) in (self.plan or {}).items():
+            if m < 2 or not 1 <= n < m:
+                raise PipelineError(f"nm: plan gives {origin} the pattern {n}:{m}; a pattern keeps 1 <= n < m of m >= 2")
 
     def run(self, program: Program, ctx: PassContext) -> Counter:
         counts: Counter = Counter()
@@ -68,7 +74,8 @@ class NMSparsity(Pass):
         chosen = []
         for node in layers:
             origin = program.weights[node.args[1].target].origin
-            if (self.exclude and re.search(self.exclude, origin)) or (self.only and not re.search(self.only, origin)):
+            if (self.exclude and re.search(self.exclude, origin)) or (self.only and not re.search(self.only, origin)) \
+                    or (self.plan is not None and origin not in self.plan):
                 continue
             uses = claim_uses(self.name, program, node, ("nm-mask", "quantized", "factorized"), ctx, counts)
             if uses is not None:
@@ -124,25 +131,26 @@ class NMSparsity(Pass):
     def _rewrite(self, program: Program, uses: list[fx.Node], origin: str, layer_stats,
                  ctx: PassContext) -> tuple[str, str]:
         node = uses[0]
+        n, m = self.plan[origin] if self.plan is not None else (self.n, self.m)
         weight = program.tensor(node.args[1])
         out_f, in_f = weight.shape
-        if in_f % self.m:
+        if in_f % m:
             if self.only:
-                raise PipelineError(f"nm: {origin} has {in_f} input features, which m={self.m} does not divide; "
+                raise PipelineError(f"nm: {origin} has {in_f} input features, which m={m} does not divide; "
                                     "choose an m that divides it or leave the layer out of only=")
-            return "skipped-width", f"left dense: {in_f} input features are not a multiple of m={self.m}"
-        if self.method != "magnitude" and layer_stats is None:
+            return "skipped-width", f"left dense: {in_f} input features are not a multiple of m={m}"
+        if method != "magnitude" and layer_stats is None:
             return "skipped-no-calibration-statistics", "left dense: no calibration statistics reached this layer"
-        if self.method == "magnitude":
-            mask = magnitude_mask(weight, self.n, self.m)
+        if method == "magnitude":
+            mask = magnitude_mask(weight, n, m)
             pruned = weight * mask
-        elif self.method == "wanda":
-            mask = wanda_mask(weight, layer_stats, self.n, self.m)
+        elif method == "wanda":
+            mask = wanda_mask(weight, layer_stats, n, m)
             pruned = weight * mask
         else:
-            pruned, mask = sparsegpt(weight, layer_stats, self.n, self.m, self.block, self.damp)
+            pruned, mask = sparsegpt(weight, layer_stats, n, m, self.block, self.damp)
         layout, why = self._choose_layout()
-        note = {"nm": f"{self.n}:{self.m}", "layout": layout}
+        note = {"nm": f"{n}:{m}", "layout": layout}
         if layer_stats is None:  # no data: the weights' own relative error stands in for the output's
             ctx.layer_errors[origin] = float((pruned - weight).norm() / weight.norm().clamp_min(1e-30))
         else:
@@ -151,19 +159,19 @@ class NMSparsity(Pass):
             error = (float(((diff @ layer_stats.gram) * diff).sum()) / max(total, 1e-30)) ** 0.5
             note["pred_err"] = round(error, 4)
             ctx.layer_errors[origin] = error
-        mask_kept = (Constraint("nm-mask", self.name, f"{self.n}:{self.m}"),)
+        mask_kept = (Constraint("nm-mask", self.name, f"{n}:{m}"),)
         with program.graph.inserting_before(node):  # new weights are made once, before the first use
             if layout == "compressed":
-                values, indices = compress(pruned, mask, self.n, self.m)
-                target, tail = NM_LINEAR, (self.n, self.m, in_f)
+                values, indices = compress(pruned, mask, n, m)
+                target, tail = NM_LINEAR, (n, m, in_f)
                 weights = (program.add_weight(f"{origin}_values", values, origin, self.name,
-                                              f"{self.n}:{self.m} values", mask_kept),
+                                              f"{n}:{m} values", mask_kept),
                            program.add_weight(f"{origin}_indices", indices, origin, self.name,
-                                              f"{self.n}:{self.m} indices", mask_kept))
+                                              f"{n}:{m} indices", mask_kept))
             else:
                 target, tail = LINEAR, ()
-                weights = (program.add_weight(f"{origin}_{self.n}of{self.m}", pruned, origin, self.name,
-                                              f"{self.n}:{self.m} masked, dense layout", mask_kept),)
+                weights = (program.add_weight(f"{origin}_{n}of{m}", pruned, origin, self.name,
+                                              f"{n}:{m} masked, dense layout", mask_kept),)
 
         def build(use: fx.Node) -> fx.Node:
             bias = use.args[2] if len(use.args) > 2 else None

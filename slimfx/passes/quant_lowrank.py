@@ -84,7 +84,7 @@ class QuantLowRank(Pass):
     rounds: int = 3  # alternate: re-quantize / refit rounds
     correction_int8: bool = False  # store A and B as int8 with per-row scales
     exclude: str = ""  # regex on weight names to leave in full precision
-    plan: Optional[dict] = None  # weight origin -> (bits, group, rank), from the planner
+    plan: Optional[dict] = None  # weight origin -> (bits, group, rank), from the planner: only these layers
 
     def validate(self) -> None:
         if self.bits not in BITS:
@@ -108,7 +108,7 @@ class QuantLowRank(Pass):
         hints = size_hints(program.graph)
         for node in progress(first_use_of_each_weight(program, (LINEAR,)), "quant-lowrank layers"):
             origin = program.weights[node.args[1].target].origin
-            if self.exclude and re.search(self.exclude, origin):
+            if (self.exclude and re.search(self.exclude, origin)) or (self.plan is not None and origin not in self.plan):
                 continue
             uses = claim_uses(self.name, program, node, ("nm-mask", "quantized", "factorized"), ctx, counts)
             if uses is None:
@@ -129,8 +129,7 @@ class QuantLowRank(Pass):
         return counts
 
     def _choice(self, origin: str, shape_: torch.Size) -> tuple[int, int, int]:
-        bits, group, rank = self.plan.get(origin, (self.bits, self.group, self.rank)) if self.plan else \
-            (self.bits, self.group, self.rank)
+        bits, group, rank = self.plan[origin] if self.plan is not None else (self.bits, self.group, self.rank)
         out_f, in_f = shape_
         if in_f % group:
             raise PipelineError(f"quant-lowrank: group={group} does not divide the {in_f} input features of {origin}; "

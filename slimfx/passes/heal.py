@@ -1,0 +1,103 @@
+"""``heal{steps=200}``: a short distillation of what the lossy passes made, against the original's outputs.
+
+The papers this project follows (SVD-LLM, SparseGPT/Wanda with fine-tuning, LQER/EoRA, DepthShrinker) report
+their numbers after such a step. Trained: low-rank factors, the kept N:M values (the mask stays fixed: indices
+are not trained), the quantization corrections A and B (the codes, scales and zero points stay), and the
+weights of factorized and merged convs and linears. Compressed ops run through their reference math
+(differentiable) while training. The target is the original model's outputs on the calibration batches, computed
+before the first pass; the report shows the output error before and after. Never left worse than it was.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.fx as fx
+
+from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR, REFERENCE
+from ..ir.program import CONV2D, LINEAR, Program
+from .base import Pass, PassContext, register
+from .distill import distill
+
+TRAINED_ARGS = {LOWRANK_LINEAR: (1, 2), NM_LINEAR: (1,), QUANT_LINEAR: (4, 5)}
+LOSSY_PASSES = ("factorize", "depth-merge", "nm", "quant-lowrank")
+
+
+@register
+@dataclass
+class Heal(Pass):
+    name = "heal"
+    summary = "distil the compressed layers' factors, kept values and corrections against the original's outputs"
+    needs_reference: ClassVar[bool] = True  # the manager keeps the original's outputs on calibration batches
+
+    steps: int = 200
+    lr: float = 1e-3
+    batches: int = 8  # calibration batches trained on (and scored on)
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise self.invalid("steps", "must be >= 0")
+        if not 0 < self.lr < 1:
+            raise self.invalid("lr", "must be in (0, 1)")
+        if self.batches < 1:
+            raise self.invalid("batches", "must be >= 1")
+
+    def run(self, program: Program, ctx: PassContext) -> Counter:
+        from .plan import require_batches
+
+        require_batches(ctx, "heal")
+        batches, reference = ctx.reference
+        balance_factors(program)
+        targets = healable(program)
+        overrides = {n: _reference(n) for n in program.graph.nodes
+                     if n.op == "call_function" and n.target in REFERENCE}
+        before, after = distill(program, batches, reference, self.steps, self.lr, self.name, targets, overrides)
+        ctx.heal_errors = (math.sqrt(before), math.sqrt(after))
+        ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps; output error on calibration data "
+                 f"{math.sqrt(before):.4f} -> {math.sqrt(after):.4f}")
+        return Counter({"trained": len(targets)} if after < before else {"unchanged": len(targets)})
+
+
+def healable(program: Program) -> list[str]:
+    """The weights heal trains, as get_attr targets: what the lossy passes made, minus codes and indices."""
+    out: list[str] = []
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        positions = TRAINED_ARGS.get(node.target, ())
+        if node.target in (LINEAR, CONV2D) and program.is_weight(node.args[1]):
+            info = program.weights[node.args[1].target]
+            if info.derived_by in LOSSY_PASSES and not any(c.kind == "nm-mask" for c in info.constraints):
+                positions = (1,)  # a masked dense weight would lose its mask
+        for i in positions:
+            arg = node.args[i] if i < len(node.args) else None
+            if program.is_weight(arg) and program.tensor(arg).is_floating_point() and arg.target not in out:
+                out.append(arg.target)
+    return out
+
+
+def balance_factors(program: Program) -> None:
+    """Give each low-rank pair once (V and U of a factorized layer, B and A of a correction) equal norms per rank
+    component, without changing their product: whitening leaves one factor orders of magnitude smaller than the
+    other, and Adam's per-element steps would then wreck the small one. New tensors replace the old ones."""
+    from .distill import _set
+
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in (LOWRANK_LINEAR, QUANT_LINEAR):
+            continue
+        first, second = (node.args[1], node.args[2]) if node.target == LOWRANK_LINEAR else (node.args[5], node.args[4])
+        if not (program.is_weight(first) and program.is_weight(second)):
+            continue
+        rows, cols = program.tensor(first), program.tensor(second)  # [r, in] and [out, r]
+        if not (rows.is_floating_point() and cols.is_floating_point()):
+            continue  # int8 corrections are not trained
+        scale = (cols.double().norm(dim=0) / rows.double().norm(dim=1).clamp_min(1e-30)).clamp_min(1e-30).sqrt()
+        _set(program.gm, first.target, (rows.double() * scale[:, None]).to(rows.dtype))
+        _set(program.gm, second.target, (cols.double() / scale[None, :]).to(cols.dtype))
+
+
+def _reference(node: fx.Node):
+    fn = REFERENCE[node.target]
+    return lambda n, args, kwargs: fn(*args, **kwargs)

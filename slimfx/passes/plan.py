@@ -1,0 +1,167 @@
+"""``plan{latency=0.5}``: one budgeted plan across factorize, nm and quant-lowrank, then executed.
+
+The planner (``slimfx/plan``) collects every layer's options from the three lossy passes, each with its predicted
+error on the calibration data and its latency and bytes for the kernel ``lower`` would give it on the target;
+solves the multiple-choice knapsack for the budget; optionally refines the choice by an evolutionary search scored
+end to end (``search`` generations); and hands each pass its layers' decisions (``plan=``). The passes execute them
+as given; a planned layer a pass does not rewrite is an error, not a silent change of plan. Without a profile
+the plan is for this machine's built-in one. ``compress(..., budget=...)`` adds this pass.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from ..errors import CalibrationError, PipelineError
+from ..ir.program import Program
+from .base import Pass, PassContext, register
+from .calibration import ActivationStats, calibration_inputs, require_stats
+
+TECHNIQUES = ("lowrank", "nm", "quant")
+
+
+@register
+@dataclass
+class PlanPass(Pass):
+    name = "plan"
+    summary = "one budgeted plan across factorize, nm and quant-lowrank per layer (knapsack DP, optional search)"
+
+    latency: Optional[float] = None  # fraction of the dense latency
+    memory: Optional[str] = None  # bytes ("2GB") or a fraction of the dense weights ("0.3")
+    max_error: Optional[float] = None  # relative output error on the calibration data
+    batch: Optional[int] = None  # workload: the first input's first dimension (default: the example's)
+    seq: Optional[int] = None  # workload: its second dimension
+    phase: Literal["prefill", "decode"] = "prefill"
+    tune: Literal["model", "measure"] = "model"
+    techniques: str = "lowrank|nm|quant"
+    search: int = 0  # generations of the end-to-end evolutionary refinement (0: the knapsack's plan)
+    nm_method: Literal["wanda", "sparsegpt"] = "wanda"
+    exclude: str = ""  # regex on weight names to leave dense
+    allow_slower: bool = False  # allow options predicted slower than dense (memory budgets)
+    score_batches: int = 4  # calibration batches the end-to-end error is measured on
+
+    def validate(self) -> None:
+        if self.has_budget:  # plan{search=10} in a pipeline may take its budget from compress(budget=...)
+            self.budget()
+        self.workload()
+        unknown = [t for t in self.techniques.split("|") if t not in TECHNIQUES]
+        if unknown or not self.techniques:
+            raise self.invalid("techniques", f"must name some of {', '.join(TECHNIQUES)} joined by |")
+        if self.search < 0:
+            raise self.invalid("search", "must be >= 0")
+        if self.score_batches < 1:
+            raise self.invalid("score_batches", "must be >= 1")
+        self.check_regex("exclude")
+
+    @property
+    def has_budget(self) -> bool:
+        return any(getattr(self, k) is not None for k in ("latency", "memory", "max_error"))
+
+    def budget(self):
+        from ..plan.budget import Budget
+
+        return Budget.parse({k: v for k, v in (("latency", self.latency), ("memory", self.memory),
+                                               ("max_error", self.max_error)) if v is not None})
+
+    def workload(self):
+        from ..plan.budget import Workload
+
+        return Workload(self.batch, self.seq, self.phase)
+
+    def run(self, program: Program, ctx: PassContext) -> Counter:
+        from ..hw_profiles.profiles import local_profile
+        from ..plan.candidates import Grid, Pricing, layer_options
+        from ..plan.planner import Planner, Scorer, plan_passes, workload_hints
+
+        if not self.has_budget:
+            raise PipelineError("plan needs a budget: plan{latency=0.5}, plan{memory=2GB}, plan{max_error=0.01}, or "
+                                "compress(..., budget={'latency': 0.5})")
+        stats = require_stats(program, ctx, True, "plan", "a pipeline of data-free passes instead of a budget")
+        profile = ctx.profile
+        if profile is None:
+            profile = local_profile()
+            ctx.note(f"plan: no profile given; planned for {profile.name}, the built-in profile for this device")
+        budget, workload = self.budget(), self.workload()
+        hints = workload_hints(program, workload)
+        pricing = Pricing(profile.device, profile, hints, self.tune, keep_storage=budget.resource == "memory")
+        grid = Grid(techniques=tuple(self.techniques.split("|")), nm_method=self.nm_method)
+        layers = layer_options(program, stats, pricing, grid, self.exclude)
+        if not layers:
+            raise PipelineError("plan: no layer can be compressed (none is a trained, unshared linear or conv with "
+                                "calibration statistics); nothing to plan")
+        scorer = None
+        if not isinstance(ctx.calibration, ActivationStats):
+            batches = calibration_inputs(program, ctx.calibration, self.score_batches)
+            scorer = Scorer(program, layers, batches)
+        elif self.search or self.max_error is not None:
+            ctx.note("plan: calibration given as statistics, so the end-to-end error is not measured; "
+                     "search and max_error use the predicted (summed) error")
+        planner = Planner(program, layers, budget, workload, profile, hints, self.tune, self.allow_slower)
+        plan = planner.plan(scorer, self.search)
+        ctx.plans.append(plan)
+        counts: Counter = Counter()
+        expected = Counter(o.decision.technique for o in plan.layers.values() if o.decision.technique != "dense")
+        for pass_ in plan_passes(plan, self.nm_method, grid.correction):
+            done = pass_.run(program, ctx)
+            rewritten = sum(v for k, v in done.items() if not k.startswith("skipped") and k != "permuted")
+            technique = {"factorize": "lowrank", "nm": "nm", "quant-lowrank": "quant"}[pass_.name]
+            if rewritten != expected[technique]:
+                skipped = [f"{s.layer}: {s.reason}" for s in ctx.skipped if s.pass_name == pass_.name]
+                raise PipelineError(f"plan: {pass_.name} rewrote {rewritten} of the {expected[technique]} layers "
+                                    f"planned for it ({'; '.join(skipped) or 'no reason recorded'}); this is a slimfx "
+                                    "bug, please report it")
+            counts[technique] += rewritten
+        counts["dense"] = sum(1 for o in plan.layers.values() if o.decision.technique == "dense")
+        ctx.note(f"plan: {plan.budget} on {plan.profile}: predicted latency {plan.latency_ratio:.3f}x, weights "
+                 f"{plan.memory_ratio:.3f}x of dense, predicted error {plan.predicted_error:.4f}"
+                 + (f", measured {plan.measured_error:.4f}" if plan.measured_error is not None else ""))
+        return counts
+
+
+def require_batches(ctx: PassContext, what: str) -> None:
+    if ctx.calibration is None or isinstance(ctx.calibration, ActivationStats):
+        raise CalibrationError(f"{what} runs the model on calibration batches: pass calibration= to slimfx.compress "
+                               "as an iterable of model-input tuples (statistics alone are not enough)")
+
+
+LOSSY_PLANNED = ("factorize", "nm", "quant-lowrank")
+
+
+def with_budget(pipeline, budget=None, workload=None, tune: str = "model", heal: int = 0) -> list[Pass]:
+    """The pipeline the entry points run for ``budget=``: its exact passes, then ``plan`` (given the budget,
+    workload and tune), then ``heal`` when asked, then ``lower`` (measuring too with ``tune="measure"``)."""
+    from ..plan.budget import Budget, Workload
+    from .heal import Heal
+    from .lower import Lower
+    from .pipeline import parse_pipeline
+
+    passes = parse_pipeline(pipeline)
+    if tune not in ("model", "measure"):
+        raise PipelineError(f"tune={tune!r} must be 'model' (priced on the profile) or 'measure' (timed here)")
+    if budget is None:
+        if workload is not None:
+            raise PipelineError("workload= prices a plan: give budget= too (or plan{batch=...,seq=...} in the pipeline)")
+        return passes + ([Heal(steps=heal)] if heal else [])
+    parsed, load = Budget.parse(budget), Workload.parse(workload)
+    lossy = [p.name for p in passes if p.name in LOSSY_PLANNED]
+    if lossy:
+        raise PipelineError(f"budget= plans the lossy passes itself: remove {', '.join(lossy)} from the pipeline, or "
+                            "drop budget= and keep the pipeline as it is")
+    options = {"latency": parsed.latency, "max_error": parsed.max_error, "batch": load.batch, "seq": load.seq,
+               "phase": load.phase, "tune": tune,
+               "memory": None if parsed.memory is None else repr(parsed.memory)}
+    planned = [p for p in passes if p.name == "plan"]
+    if planned:
+        if planned[0].has_budget:
+            raise PipelineError("the budget is given twice: in budget= and in the pipeline's plan{...}; keep one")
+        for key, value in options.items():
+            setattr(planned[0], key, value)
+        planned[0].validate()
+    else:
+        passes.append(PlanPass(**options))
+    if heal:
+        passes.append(Heal(steps=heal))
+    if tune == "measure" and not any(p.name == "lower" for p in passes):
+        passes.append(Lower(tune="measure"))
+    return passes

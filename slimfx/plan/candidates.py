@@ -1,0 +1,264 @@
+"""Every layer's options from every lossy pass, each with its predicted error, lowered latency and bytes.
+
+One decomposition per layer and technique gives the error of every option (one SVD for every rank, one
+round-to-nearest and one SVD of its error for every correction rank), as the passes themselves compute it, so a
+planned layer's predicted error is the one the pass then reports. Latency is priced for the kernel ``lower`` would
+give the option on the target: the compressed op is built on a one-node trial graph (zero weights of the right
+shapes) and handed to ``Lower.rank``, which prices it on the profile or times it on this device (``tune=measure``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..codegen.epilogue import Epilogue
+from ..codegen.registry import Region
+from ..hw_profiles.cost_model import latency
+from ..hw_profiles.op_costs import concrete, node_kernels
+from ..ir.op_table import DENSE_LAYERS
+from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
+from ..ir.program import CONV2D, Program, WeightInfo
+from ..ir.quant_format import GroupParams, dequantize, pack
+from ..ir.sparse_format import compress
+from ..passes.calibration import ActivationStats
+from ..passes.base import first_use_of_each_weight, layer_uses, refusal
+from ..passes.factorize import Factorize
+from ..passes.lower import Lower, _measured
+from ..passes.lowrank import factorize_matrix
+from ..passes.nm_masks import sparsegpt, wanda_mask
+from ..passes.quant_lowrank import QuantLowRank, output_error, quant_candidates
+from ..progress import progress
+from .options import Decision, Dense, LayerOptions, LowRank, Option, Quant, Sparse
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Which options each technique offers a layer."""
+
+    techniques: tuple[str, ...] = ("lowrank", "nm", "quant")
+    keep: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # low-rank: fractions of the params
+    patterns: tuple[tuple[int, int], ...] = ((2, 4), (4, 8))
+    nm_method: str = "wanda"
+    bits: tuple[int, ...] = (3, 4, 8)
+    groups: tuple[int, ...] = (32, 64, 128)
+    ranks: tuple[int, ...] = (0, 8, 16, 32)  # quantization error corrections
+    correction: str = "eora"
+
+
+@dataclass
+class Pricing:
+    """Where and how options are priced: the target device and profile, the sizes (hints), and whether
+    compressed weights must stay compressed when lowered (memory budgets)."""
+
+    device: str
+    profile: object
+    hints: dict
+    tune: str = "model"  # or "measure"
+    keep_storage: bool = False
+
+    def dense(self, program: Program, use: fx.Node) -> tuple[float, bool]:
+        if self.tune == "measure":
+            return _measured(program, Region(use, Epilogue(), (), ()), None, self.hints), True
+        return concrete(latency(node_kernels(use) or [], self.profile), self.hints), False
+
+    def lowered(self, trial: Program, node: fx.Node) -> tuple[float, str, bool]:
+        """(seconds, kernel, runs dense) of a compressed node on a trial graph, as ``lower`` would run it."""
+        lower = Lower(tune=self.tune, storage="compressed" if self.keep_storage else "auto")
+        priced, refused, runs_dense = lower.rank(trial, Region(node, Epilogue(), (), ()), self.device, self.profile,
+                                                 self.hints, self.keep_storage)
+        if not priced:
+            return float("inf"), "none: " + "; ".join(f"{i.name}: {why}" for i, why in refused), False
+        return priced[0][0], priced[0][1].name, runs_dense
+
+
+def layer_options(program: Program, stats, pricing: Pricing, grid: Grid, exclude: str = "") -> list[LayerOptions]:
+    """Options for every weight a lossy pass may rewrite (trained, unconstrained, not shared with another kind of
+    op, not ``exclude``d); the rest stay as they are and count as fixed cost."""
+    layers = []
+    for node in progress(first_use_of_each_weight(program, DENSE_LAYERS), "planner: layer options"):
+        origin = program.weights[node.args[1].target].origin
+        uses = layer_uses(program, node)
+        if (exclude and re.search(exclude, origin)) or uses is None or refusal(program, node, (
+                "nm-mask", "quantized", "factorized")):
+            continue
+        if node.target == CONV2D and any(u.args[6] != 1 for u in uses):
+            continue  # grouped and depthwise convs: nothing here shrinks them
+        layer_stats = stats.get(origin, _matrix(program, node).shape[1]) if stats is not None else None
+        if layer_stats is None:
+            continue
+        layers.append(_options(program, node, uses, origin, layer_stats, pricing, grid))
+    return layers
+
+
+def _matrix(program: Program, node: fx.Node) -> torch.Tensor:
+    weight = program.tensor(node.args[1])
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_stats, pricing: Pricing,
+             grid: Grid) -> LayerOptions:
+    weight = program.tensor(node.args[1])
+    matrix = _matrix(program, node)
+    out_f, in_f = matrix.shape
+    is_conv = node.target == CONV2D
+    itemsize = weight.element_size()
+    dense_s = [pricing.dense(program, u) for u in uses]
+    options = [Option(Dense(), 0.0, sum(s for s, _ in dense_s), weight.numel() * itemsize, "dense",
+                      any(m for _, m in dense_s))]
+    approximations: dict[Decision, Callable[[], torch.Tensor]] = {}
+
+    if "lowrank" in grid.techniques:
+        factors = factorize_matrix(matrix, "whitened", layer_stats)
+        most = (out_f * in_f - 1) // (out_f + in_f)
+        multiple = getattr(pricing.profile, "rank_multiple", 1)
+        ranks = set()
+        for keep in grid.keep:
+            rank = max(1, int(keep * most))
+            if multiple > 1 and rank >= multiple:
+                rank = max(multiple, rank // multiple * multiple)
+            if rank <= most and rank < min(out_f, in_f):
+                ranks.add(rank)
+        for rank in sorted(ranks):
+            if is_conv:
+                seconds = sum(Factorize._latencies(u, rank, False, pricing.profile, pricing.hints)[1] for u in uses)
+                kernel, stored = "two convs", rank * (out_f + in_f) * itemsize
+            else:
+                seconds, kernel, dense_form = _price_lowrank(program, uses, weight, rank, pricing)
+                stored = weight.numel() * itemsize if dense_form else rank * (out_f + in_f) * itemsize
+            options.append(Option(LowRank(rank), factors.rel_error(rank), seconds, stored, kernel,
+                                  pricing.tune == "measure" and not is_conv))
+            approximations[LowRank(rank)] = (lambda r=rank: _product(factors, r, weight))
+
+    if "nm" in grid.techniques and not is_conv:
+        for n, m in grid.patterns:
+            if in_f % m:
+                continue
+            if grid.nm_method == "sparsegpt":
+                pruned, _ = sparsegpt(weight, layer_stats, n, m)
+            else:
+                pruned = weight * wanda_mask(weight, layer_stats, n, m)
+            error = output_error((pruned - weight).double(), weight.double(), layer_stats)
+            seconds, kernel, dense_form, stored = _price_nm(program, uses, weight, n, m, pricing)
+            options.append(Option(Sparse(n, m), error, seconds, weight.numel() * itemsize if dense_form else stored,
+                                  kernel, pricing.tune == "measure"))
+            approximations[Sparse(n, m)] = (lambda p=pruned: p)
+
+    if "quant" in grid.techniques and not is_conv:
+        one = ActivationStats({(origin, in_f): layer_stats})
+        for cand in quant_candidates(program, node, one, None, grid.bits, grid.groups, grid.ranks, grid.correction):
+            seconds, kernel, dense_form = _price_quant(program, uses, weight, cand.bits, cand.group, cand.rank,
+                                                       pricing)
+            decision = Quant(cand.bits, cand.group, cand.rank)
+            options.append(Option(decision, cand.rel_error, seconds,
+                                  weight.numel() * itemsize if dense_form else cand.bytes, kernel,
+                                  pricing.tune == "measure"))
+            approximations[decision] = (lambda d=decision: _dequantized(weight, layer_stats, d, grid.correction))
+
+    cache: dict[Decision, torch.Tensor] = {}
+
+    def approximate(decision: Decision) -> torch.Tensor:
+        if isinstance(decision, Dense):
+            return weight
+        if decision not in cache:
+            cache[decision] = approximations[decision]().reshape(weight.shape).to(weight.dtype)
+        return cache[decision]
+
+    shape = tuple(weight.shape)
+    return LayerOptions(origin, "conv" if is_conv else "linear", shape, uses, options, approximate)
+
+
+def _product(factors, rank: int, weight: torch.Tensor) -> torch.Tensor:
+    a, b = factors.truncate(rank, torch.float64)
+    return a @ b
+
+
+def _dequantized(weight: torch.Tensor, layer_stats, decision: Quant, correction: str) -> torch.Tensor:
+    quantizer = QuantLowRank(bits=decision.bits, group=decision.group, rank=decision.rank, correction=correction
+                             if decision.rank else "none", quantizer="rtn")
+    result = quantizer.quantize(weight, layer_stats, decision.bits, decision.group, decision.rank)
+    approx = dequantize(result.codes, GroupParams(result.params.scales.double(), result.params.zeros.double()),
+                        decision.group, torch.float64)
+    if result.a is not None:
+        approx = approx + result.a.double() @ result.b.double()
+    return approx
+
+
+# -- trial graphs: the compressed op alone, on zero weights of the right shapes -------------------------------------
+
+def _trial(use: fx.Node, build: Callable[[fx.Graph, fx.Node, Callable], tuple]) -> tuple[Program, fx.Node]:
+    graph, holder, weights = fx.Graph(), torch.nn.Module(), {}
+    x = graph.placeholder("x")
+    x.meta = dict(use.args[0].meta)
+
+    def weight(value: torch.Tensor | None) -> fx.Node | None:
+        if value is None:
+            return None
+        name = f"w{len(weights)}"
+        holder.register_buffer(name, value)
+        weights[name] = WeightInfo(name, "plan", "trial weight")
+        node = graph.get_attr(name)
+        node.meta["val"] = value
+        return node
+
+    op, args = build(graph, x, weight)
+    node = graph.call_function(op, args)
+    node.meta["val"] = use.meta["val"]
+    graph.output(node)
+    return Program(fx.GraphModule(holder, graph), weights, ()), node
+
+
+def _bias(use: fx.Node, weight: torch.Tensor) -> torch.Tensor | None:
+    has_bias = len(use.args) > 2 and use.args[2] is not None
+    return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if has_bias else None
+
+
+def _sum_over_uses(uses: list, price: Callable[[fx.Node], tuple[float, str, bool]]) -> tuple[float, str, bool]:
+    results = [price(u) for u in uses]
+    return sum(r[0] for r in results), results[0][1], any(r[2] for r in results)
+
+
+def _price_lowrank(program: Program, uses: list, weight: torch.Tensor, rank: int, pricing: Pricing):
+    out_f, in_f = weight.shape
+    zeros = dict(dtype=weight.dtype, device=weight.device)
+
+    def price(use: fx.Node):
+        trial, node = _trial(use, lambda g, x, w: (LOWRANK_LINEAR, (x, w(torch.zeros(rank, in_f, **zeros)),
+                                                                 w(torch.zeros(out_f, rank, **zeros)),
+                                                                 w(_bias(use, weight)))))
+        return pricing.lowered(trial, node)
+    return _sum_over_uses(uses, price)
+
+
+def _price_nm(program: Program, uses: list, weight: torch.Tensor, n: int, m: int, pricing: Pricing):
+    out_f, in_f = weight.shape
+    mask = (torch.arange(in_f, device=weight.device) % m < n).expand(out_f, in_f)
+    values, indices = compress(torch.zeros_like(weight), mask, n, m)
+    stored = values.numel() * values.element_size() + indices.numel() * indices.element_size()
+
+    def price(use: fx.Node):
+        trial, node = _trial(use, lambda g, x, w: (NM_LINEAR, (x, w(values), w(indices), w(_bias(use, weight)),
+                                                             n, m, in_f)))
+        return pricing.lowered(trial, node)
+    return (*_sum_over_uses(uses, price), stored)
+
+
+def _price_quant(program: Program, uses: list, weight: torch.Tensor, bits: int, group: int, rank: int,
+                 pricing: Pricing):
+    out_f, in_f = weight.shape
+    like = dict(dtype=weight.dtype, device=weight.device)
+    packed = pack(torch.zeros(out_f, in_f, dtype=torch.uint8, device=weight.device), bits)
+    scales = torch.ones(out_f, in_f // group, **like)
+
+    def price(use: fx.Node):
+        def build(g, x, w):
+            a = w(torch.zeros(out_f, rank, **like)) if rank else None
+            b = w(torch.zeros(rank, in_f, **like)) if rank else None
+            return QUANT_LINEAR, (x, w(packed), w(scales), w(torch.zeros_like(scales)), a, b, None, None,
+                                  w(_bias(use, weight)), bits, group, in_f)
+        trial, node = _trial(use, build)
+        return pricing.lowered(trial, node)
+    return _sum_over_uses(uses, price)

@@ -1,0 +1,274 @@
+"""The planner: every layer's options from every lossy pass, one budgeted choice across all of them.
+
+Data flows one way: statistics -> options per layer (``candidates``) -> the knapsack (``knapsack``) under the
+budget -> optionally an evolutionary refinement scored end to end (``search``) -> a typed ``Plan``, which the
+``plan`` pass hands to factorize, nm and quant-lowrank as their ``plan=`` option; they execute it as given.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..errors import BudgetError, PipelineError
+from ..hw_profiles.op_costs import program_cost, size_hints
+from ..ir.program import Program
+from ..passes.distill import output_error, outputs_on
+from . import knapsack
+from .budget import Budget, Workload
+from .options import Dense, LayerOptions, LowRank, Option, Quant, Sparse
+
+
+@dataclass
+class Plan:
+    """One decision per layer (keyed by the weight's origin name: a weight read by several layers is decided once
+    for all of them), with the predicted totals under ``workload`` on ``profile``."""
+
+    budget: Budget
+    workload: Workload
+    profile: str
+    tune: str
+    layers: dict[str, Option]  # origin -> chosen option
+    dense: dict[str, Option]  # origin -> the dense option (the baseline of each row)
+    dense_latency_s: float
+    latency_s: float
+    dense_bytes: int
+    bytes: int
+    predicted_error: float  # sqrt of the summed squared layer errors (the knapsack's proxy)
+    measured_error: float | None = None  # relative output error of the planned model on calibration data
+    frontier: list[tuple[float, float]] = field(default_factory=list)  # (resource ratio, predicted error)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def latency_ratio(self) -> float:
+        return self.latency_s / self.dense_latency_s if self.dense_latency_s else 1.0
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+    def decisions(self) -> dict[str, str]:
+        return {layer: str(option.decision) for layer, option in self.layers.items()}
+
+    def table(self) -> str:
+        width = max([len(k) for k in self.layers] + [5])
+        lines = [f"  {'layer':<{width}}  {'decision':<16} {'kernel':<22} {'error':>7} {'latency':>16} {'bytes':>19}"]
+        for layer, option in self.layers.items():
+            dense = self.dense[layer]
+            how = "measured" if option.measured else "predicted"
+            lines.append(f"  {layer:<{width}}  {str(option.decision):<16} {option.kernel[:22]:<22} "
+                         f"{option.error:>7.4f} {option.latency_s * 1e6:>7.1f}/{dense.latency_s * 1e6:<6.1f}us"
+                         f"{how[0]} {option.bytes:>9,}/{dense.bytes:<9,}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        err = f", measured error {self.measured_error:.4f}" if self.measured_error is not None else ""
+        head = (f"plan for {self.budget} on {self.profile} ({self.workload}, tune={self.tune}): latency "
+                f"{self.latency_ratio:.3f}x dense, weights {self.memory_ratio:.3f}x, predicted error "
+                f"{self.predicted_error:.4f}{err}")
+        return "\n".join([head, self.table(), *(f"  note: {n}" for n in self.notes)])
+
+    def to_dict(self) -> dict:
+        return {"budget": str(self.budget), "workload": str(self.workload), "profile": self.profile,
+                "tune": self.tune, "latency_ratio": self.latency_ratio, "memory_ratio": self.memory_ratio,
+                "dense_latency_s": self.dense_latency_s, "latency_s": self.latency_s, "dense_bytes": self.dense_bytes,
+                "bytes": self.bytes, "predicted_error": self.predicted_error, "measured_error": self.measured_error,
+                "layers": {k: {**v.to_dict(), "dense_latency_s": self.dense[k].latency_s,
+                               "dense_bytes": self.dense[k].bytes} for k, v in self.layers.items()},
+                "frontier": self.frontier, "notes": self.notes}
+
+
+def workload_hints(program: Program, workload: Workload) -> dict:
+    """Size hints with the workload's batch and sequence length put on the first input's first two dims."""
+    hints = size_hints(program.graph)
+    wanted = {0: workload.batch, 1: workload.rows_seq}
+    if all(v is None for v in wanted.values()):
+        return hints
+    first = next((n for n in program.graph.nodes if n.op == "placeholder" and not program.is_weight(n)
+                  and isinstance(n.meta.get("val"), torch.Tensor)), None)
+    if first is None:
+        raise PipelineError("workload= needs a tensor input whose first dimensions are the batch and sequence")
+    dims = first.meta["val"].shape
+    for dim, value in wanted.items():
+        if value is None:
+            continue
+        if dim >= len(dims):
+            raise PipelineError(f"workload sets dimension {dim} but the first input has shape {tuple(dims)}")
+        size = dims[dim]
+        if not isinstance(size, torch.SymInt) or not hasattr(size.node.expr, "name"):
+            raise PipelineError(f"workload sets dimension {dim} of the first input, which was captured with the fixed "
+                                f"size {int(size)}: pass example inputs of the workload's sizes instead")
+        hints[size.node.expr] = value
+    return hints
+
+
+class Scorer:
+    """End-to-end relative output error of a choice on calibration batches, without rewriting: each planned
+    layer runs with the dense weight its decision stands for."""
+
+    def __init__(self, program: Program, layers: list[LayerOptions], batches: list):
+        self.program, self.layers, self.batches = program, layers, batches
+        self.reference = outputs_on(program, batches)
+        self.seen: dict[tuple, float] = {}
+
+    def __call__(self, choice: list[int]) -> float:
+        key = tuple(choice)
+        if key not in self.seen:
+            overrides = {}
+            for layer, index in zip(self.layers, choice):
+                decision = layer.options[index].decision
+                if isinstance(decision, Dense):
+                    continue
+                weight = layer.approximate(decision)
+                for use in layer.uses:
+                    overrides[use] = _with_weight(weight)
+            self.seen[key] = math.sqrt(output_error(self.program, self.batches, self.reference, overrides))
+        return self.seen[key]
+
+
+def _with_weight(weight: torch.Tensor):
+    def run(node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        return node.target(args[0], weight, *args[2:], **kwargs)
+    return run
+
+
+@dataclass
+class Problem:
+    """The knapsack the budget defines: per layer (cost, value) options and the capacity."""
+
+    groups: list[list[tuple[float, float]]]
+    capacity: float
+    resource: str  # what cost is: "latency" | "memory" | "error" (squared)
+
+
+class Planner:
+    def __init__(self, program: Program, layers: list[LayerOptions], budget: Budget, workload: Workload,
+                 profile: Any, hints: dict, tune: str, allow_slower: bool = False):
+        self.program, self.budget, self.workload, self.profile, self.tune = program, budget, workload, profile, tune
+        self.notes: list[str] = []
+        if not allow_slower:  # never plan a rewrite the target runs slower than the dense layer
+            for layer in layers:
+                kept = [o for o in layer.options if o.latency_s <= layer.dense.latency_s * (1 + 1e-9)]
+                dropped = len(layer.options) - len(kept)
+                layer.options = kept
+                if dropped:
+                    self.notes.append(f"{layer.layer}: {dropped} option(s) slower than dense left out")
+        self.layers = layers
+        dense_layers_s = sum(l.dense.latency_s for l in layers)
+        modelled = program_cost(program.graph, profile, hints).total_s
+        modelled_layers = sum(_modelled_dense(l, profile, hints) for l in layers)
+        self.fixed_s = max(modelled - modelled_layers, 0.0)  # everything the plan does not choose for
+        self.dense_latency_s = self.fixed_s + dense_layers_s
+        self.dense_bytes = program.weight_bytes()
+        self.fixed_bytes = self.dense_bytes - sum(l.dense.bytes for l in layers)
+
+    # -- the knapsack ---------------------------------------------------------------------------------------------
+    def problem(self, error_cap: float | None = None) -> Problem:
+        if self.budget.resource == "memory" and self.budget.memory is not None:
+            cap = self.budget.memory * (self.dense_bytes if self.budget.memory <= 1 else 1) - self.fixed_bytes
+            return Problem([[(o.bytes, o.error ** 2) for o in l.options] for l in self.layers], cap, "memory")
+        if self.budget.latency is not None:
+            cap = self.budget.latency * self.dense_latency_s - self.fixed_s
+            return Problem([[(o.latency_s, o.error ** 2) for o in l.options] for l in self.layers], cap, "latency")
+        cap = (error_cap if error_cap is not None else self.budget.max_error) ** 2
+        return Problem([[(o.error ** 2, o.latency_s) for o in l.options] for l in self.layers], cap, "error")
+
+    def solve(self, problem: Problem) -> list[int]:
+        if problem.capacity < 0 or (least := knapsack.least_cost(problem.groups)) > problem.capacity * (1 + 1e-9):
+            raise self._infeasible(problem)
+        solution = knapsack.solve(problem.groups, problem.capacity)
+        if solution is None:  # only rounding stands between the capacity and the least cost: take the cheapest
+            return [min(range(len(g)), key=lambda i: (g[i][0], g[i][1])) for g in problem.groups]
+        return solution.choice
+
+    def _infeasible(self, problem: Problem) -> BudgetError:
+        least = knapsack.least_cost(problem.groups)
+        if problem.resource == "latency":
+            best = (self.fixed_s + least) / self.dense_latency_s
+            return BudgetError(f"no plan reaches latency={self.budget.latency:g} of dense on {self.profile.name}: the "
+                               f"lowest achievable is {best:.3f}x with these options; raise latency to at least "
+                               f"{best:.3f}, or allow more techniques", best)
+        if problem.resource == "memory":
+            best_bytes = self.fixed_bytes + least
+            return BudgetError(f"no plan fits memory={self.budget.memory:g}: the smallest achievable weights are "
+                               f"{best_bytes:,} bytes ({best_bytes / self.dense_bytes:.3f} of dense) with options "
+                               f"that are not slower than dense; raise the memory budget", best_bytes)
+        return BudgetError("max_error below zero", 0.0)
+
+    def plan(self, scorer: Scorer | None = None, generations: int = 0, seed: int = 0) -> Plan:
+        problem = self.problem()
+        choice = self.solve(problem)
+        measured = scorer(choice) if scorer is not None else None
+        if problem.resource == "error" and scorer is not None:  # the proxy adds layer errors; check end to end
+            cap = problem.capacity
+            for _ in range(5):
+                if measured <= self.budget.max_error:
+                    break
+                cap *= (self.budget.max_error / measured) ** 2 * 0.9
+                choice = self.solve(self.problem(math.sqrt(cap)))
+                measured = scorer(choice)
+            if measured > self.budget.max_error:
+                raise BudgetError(f"no plan keeps the output error within max_error={self.budget.max_error:g} on the "
+                                  f"calibration data (dense layers only: {scorer([0] * len(self.layers)):.3g}); "
+                                  "raise max_error", measured)
+        if generations and scorer is not None and problem.resource != "error":
+            from .search import refine
+
+            choice, measured = refine(problem, choice, scorer, generations, seed)
+        plan = self._plan(choice, measured)
+        if self.budget.max_error is not None and problem.resource != "error":
+            achieved = measured if measured is not None else plan.predicted_error
+            if achieved > self.budget.max_error:
+                raise BudgetError(
+                    f"within {self.budget} the least output error is {achieved:.4f} "
+                    f"({'measured on calibration data' if measured is not None else 'predicted'}), above "
+                    f"max_error={self.budget.max_error:g}: relax the {problem.resource} budget or raise max_error",
+                    achieved)
+        plan.frontier = self._frontier()
+        return plan
+
+    def _plan(self, choice: list[int], measured: float | None) -> Plan:
+        chosen = {l.layer: l.options[i] for l, i in zip(self.layers, choice)}
+        return Plan(self.budget, self.workload, self.profile.name, self.tune, chosen,
+                    {l.layer: l.dense for l in self.layers}, self.dense_latency_s,
+                    self.fixed_s + sum(o.latency_s for o in chosen.values()), self.dense_bytes,
+                    self.fixed_bytes + sum(o.bytes for o in chosen.values()),
+                    math.sqrt(sum(o.error ** 2 for o in chosen.values())), measured, notes=list(self.notes))
+
+    def _frontier(self) -> list[tuple[float, float]]:
+        """(latency or memory ratio, predicted error) at every budget up to dense: the Pareto plot's curve."""
+        memory = self.budget.resource == "memory"
+        groups = [[(o.bytes if memory else o.latency_s, o.error ** 2) for o in l.options] for l in self.layers]
+        dense = sum(g[0][0] for g in groups)
+        fixed, total = (self.fixed_bytes, self.dense_bytes) if memory else (self.fixed_s, self.dense_latency_s)
+        return [((fixed + c) / total, math.sqrt(v)) for c, v in knapsack.frontier(groups, dense)]
+
+
+def _modelled_dense(layer: LayerOptions, profile: Any, hints: dict) -> float:
+    from ..hw_profiles.cost_model import latency
+    from ..hw_profiles.op_costs import concrete, node_kernels
+
+    return sum(concrete(latency(node_kernels(u) or [], profile), hints) for u in layer.uses)
+
+
+def plan_passes(plan: Plan, nm_method: str, correction: str) -> list:
+    """The passes that execute ``plan``, each given its layers' decisions (``plan=``)."""
+    from ..passes.factorize import Factorize
+    from ..passes.nm_sparsity import NMSparsity
+    from ..passes.quant_lowrank import QuantLowRank
+
+    ranks = {k: o.decision.rank for k, o in plan.layers.items() if isinstance(o.decision, LowRank)}
+    patterns = {k: (o.decision.n, o.decision.m) for k, o in plan.layers.items() if isinstance(o.decision, Sparse)}
+    quants = {k: (o.decision.bits, o.decision.group, o.decision.rank) for k, o in plan.layers.items()
+              if isinstance(o.decision, Quant)}
+    passes = []
+    if ranks:
+        passes.append(Factorize(method="whitened", plan=ranks))
+    if patterns:
+        passes.append(NMSparsity(method=nm_method, plan=patterns))
+    if quants:
+        passes.append(QuantLowRank(quantizer="rtn", correction=correction, plan=quants))
+    return passes

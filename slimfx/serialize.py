@@ -119,6 +119,9 @@ def save(module: torch.nn.Module, path: str | os.PathLike) -> Path:
         "aliases": aliases,
         "pytree_types": pytree_type_names(exported.call_spec.in_spec) + pytree_type_names(exported.call_spec.out_spec),
         "notes": list(getattr(report, "notes", [])),
+        "budget": [str(plan.budget) for plan in getattr(report, "plans", [])] or None,
+        "plans": [plan.to_dict() for plan in getattr(report, "plans", [])],  # each layer's decision and its prices
+        "heal_errors": getattr(report, "heal_errors", None),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     return out

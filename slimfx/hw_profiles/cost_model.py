@@ -49,11 +49,11 @@ def kernel_latency(kernel: Kernel, profile: Profile) -> sympy.Expr:
             raise ValueError(f"{profile.name} has no 2:4 sparse kernels for {kernel.dtype}")
         peak *= profile.sparse_speedup
         launch += profile.sparse_extra_overhead_us * 1e-6
-    elif kernel.kind == "quant_gemm":
+    elif kernel.kind in ("quant_gemm", "quant_gemv"):
         peak /= profile.dequant_overhead
     elif kernel.kind == "conv":
         peak *= profile.conv_efficiency
-    if kernel.kind == "gemv":
+    if kernel.kind in ("gemv", "quant_gemv"):  # one row: no GEMM tile to fill, bandwidth decides
         compute = sympy.sympify(kernel.flops) / peak
     else:
         fixed = profile.knee_gflop * 1e9 + profile.pack_flops_per_weight * sympy.sympify(kernel.weight_elems)
@@ -108,7 +108,8 @@ def quant_linear(m=M, n=N, k=K, bits: int = 4, group_size: int = 128, rank=0, it
                  dtype: str = "fp16") -> list[Kernel]:
     """Weight-only int4/int8 GEMM with per-group scales (+ a rank-r correction A·B when rank > 0)."""
     weight = n * k * sympy.Rational(bits, 8) + n * k * sympy.Rational(2 * itemsize, group_size)  # scale + zero
-    kernels = [Kernel(2 * m * n * k, m * k * itemsize + weight + m * n * itemsize, dtype, "quant_gemm", n * k)]
+    kind = "quant_gemv" if sympy.sympify(m) == 1 else "quant_gemm"
+    kernels = [Kernel(2 * m * n * k, m * k * itemsize + weight + m * n * itemsize, dtype, kind, n * k)]
     if rank:
         kernels += lowrank_linear(m, n, k, rank, itemsize, dtype)
     return kernels

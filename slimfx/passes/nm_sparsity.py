@@ -139,12 +139,12 @@ class NMSparsity(Pass):
                 raise PipelineError(f"nm: {origin} has {in_f} input features, which m={m} does not divide; "
                                     "choose an m that divides it or leave the layer out of only=")
             return "skipped-width", f"left dense: {in_f} input features are not a multiple of m={m}"
-        if method != "magnitude" and layer_stats is None:
+        if self.method != "magnitude" and layer_stats is None:
             return "skipped-no-calibration-statistics", "left dense: no calibration statistics reached this layer"
-        if method == "magnitude":
+        if self.method == "magnitude":
             mask = magnitude_mask(weight, n, m)
             pruned = weight * mask
-        elif method == "wanda":
+        elif self.method == "wanda":
             mask = wanda_mask(weight, layer_stats, n, m)
             pruned = weight * mask
         else:

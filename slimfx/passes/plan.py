@@ -77,13 +77,13 @@ class PlanPass(Pass):
         if not self.has_budget:
             raise PipelineError("plan needs a budget: plan{latency=0.5}, plan{memory=2GB}, plan{max_error=0.01}, or "
                                 "compress(..., budget={'latency': 0.5})")
+        budget, workload = self.budget(), self.workload()
+        hints = workload_hints(program, workload)
         stats = require_stats(program, ctx, True, "plan", "a pipeline of data-free passes instead of a budget")
         profile = ctx.profile
         if profile is None:
             profile = local_profile()
             ctx.note(f"plan: no profile given; planned for {profile.name}, the built-in profile for this device")
-        budget, workload = self.budget(), self.workload()
-        hints = workload_hints(program, workload)
         pricing = Pricing(profile.device, profile, hints, self.tune, keep_storage=budget.resource == "memory")
         grid = Grid(techniques=tuple(self.techniques.split("|")), nm_method=self.nm_method)
         layers = layer_options(program, stats, pricing, grid, self.exclude)

@@ -63,7 +63,17 @@ class Pricing:
     def dense(self, program: Program, use: fx.Node) -> tuple[float, bool]:
         if self.tune == "measure":
             return _measured(program, Region(use, Epilogue(), (), ()), None, self.hints), True
-        return concrete(latency(node_kernels(use) or [], self.profile), self.hints), False
+        trial, node = _trial(use, lambda g, x, w: (use.target, (x, *(w(torch.empty_like(program.tensor(a),
+                                                                                          device="meta"))
+                                                                    if program.is_weight(a) else a
+                                                                    for a in use.args[1:]))), self)
+        return concrete(latency(node_kernels(node) or [], self.profile), {}), False
+
+    def concrete_like(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like ``value`` at the workload's sizes: on the meta device when only priced, real
+        (uninitialised) where it will be timed. Concrete sizes let the cost rules tell a GEMV from a GEMM."""
+        dims = [int(concrete(d.node.expr, self.hints)) if isinstance(d, torch.SymInt) else int(d) for d in value.shape]
+        return torch.empty(dims, dtype=value.dtype, device=value.device if self.tune == "measure" else "meta")
 
     def lowered(self, trial: Program, node: fx.Node) -> tuple[float, str, bool]:
         """(seconds, kernel, runs dense) of a compressed node on a trial graph, as ``lower`` would run it."""
@@ -101,8 +111,8 @@ def _matrix(program: Program, node: fx.Node) -> torch.Tensor:
 
 def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_stats, pricing: Pricing,
              grid: Grid) -> LayerOptions:
-    weight = program.tensor(node.args[1])
-    matrix = _matrix(program, node)
+    weight = program.tensor(node.args[1]).detach()
+    matrix = weight.reshape(weight.shape[0], -1)
     out_f, in_f = matrix.shape
     is_conv = node.target == CONV2D
     itemsize = weight.element_size()
@@ -189,10 +199,11 @@ def _dequantized(weight: torch.Tensor, layer_stats, decision: Quant, correction:
 
 # -- trial graphs: the compressed op alone, on zero weights of the right shapes -------------------------------------
 
-def _trial(use: fx.Node, build: Callable[[fx.Graph, fx.Node, Callable], tuple]) -> tuple[Program, fx.Node]:
+def _trial(use: fx.Node, build: Callable[[fx.Graph, fx.Node, Callable], tuple],
+           pricing: Pricing) -> tuple[Program, fx.Node]:
     graph, holder, weights = fx.Graph(), torch.nn.Module(), {}
     x = graph.placeholder("x")
-    x.meta = dict(use.args[0].meta)
+    x.meta = {"val": pricing.concrete_like(use.args[0].meta["val"])}
 
     def weight(value: torch.Tensor | None) -> fx.Node | None:
         if value is None:
@@ -205,8 +216,8 @@ def _trial(use: fx.Node, build: Callable[[fx.Graph, fx.Node, Callable], tuple]) 
         return node
 
     op, args = build(graph, x, weight)
-    node = graph.call_function(op, args)
-    node.meta["val"] = use.meta["val"]
+    node = graph.call_function(op, tuple(args))
+    node.meta["val"] = pricing.concrete_like(use.meta["val"])
     graph.output(node)
     return Program(fx.GraphModule(holder, graph), weights, ()), node
 
@@ -228,7 +239,7 @@ def _price_lowrank(program: Program, uses: list, weight: torch.Tensor, rank: int
     def price(use: fx.Node):
         trial, node = _trial(use, lambda g, x, w: (LOWRANK_LINEAR, (x, w(torch.zeros(rank, in_f, **zeros)),
                                                                  w(torch.zeros(out_f, rank, **zeros)),
-                                                                 w(_bias(use, weight)))))
+                                                                 w(_bias(use, weight)))), pricing)
         return pricing.lowered(trial, node)
     return _sum_over_uses(uses, price)
 
@@ -241,7 +252,7 @@ def _price_nm(program: Program, uses: list, weight: torch.Tensor, n: int, m: int
 
     def price(use: fx.Node):
         trial, node = _trial(use, lambda g, x, w: (NM_LINEAR, (x, w(values), w(indices), w(_bias(use, weight)),
-                                                             n, m, in_f)))
+                                                             n, m, in_f)), pricing)
         return pricing.lowered(trial, node)
     return (*_sum_over_uses(uses, price), stored)
 
@@ -259,6 +270,6 @@ def _price_quant(program: Program, uses: list, weight: torch.Tensor, bits: int, 
             b = w(torch.zeros(rank, in_f, **like)) if rank else None
             return QUANT_LINEAR, (x, w(packed), w(scales), w(torch.zeros_like(scales)), a, b, None, None,
                                   w(_bias(use, weight)), bits, group, in_f)
-        trial, node = _trial(use, build)
+        trial, node = _trial(use, build, pricing)
         return pricing.lowered(trial, node)
     return _sum_over_uses(uses, price)

@@ -24,9 +24,9 @@ def _units(costs: Sequence[float], unit: float) -> np.ndarray:
     return np.ceil(np.asarray(costs, dtype=np.float64) / unit - 1e-9).clip(min=0).astype(np.int64)
 
 
-def _table(groups: list[list[tuple[float, float]]], capacity: float, resolution: int):
+def _table(groups: list[list[tuple[float, float]]], capacity: float, resolution: int, slack: int = 0):
     unit = capacity / resolution if capacity > 0 else 1.0
-    size = resolution + 1
+    size = resolution + 1 + slack
     best = np.full(size, np.inf)
     best[0] = 0.0
     choices = np.zeros((len(groups), size), dtype=np.int32)
@@ -65,10 +65,10 @@ def solve(groups: list[list[tuple[float, float]]], capacity: float, resolution: 
 def frontier(groups: list[list[tuple[float, float]]], capacity: float, points: int = 24,
              resolution: int = 2000) -> list[tuple[float, float]]:
     """(capacity, least summed value) at ``points`` capacities up to ``capacity``, where any choice fits."""
-    best, _, unit = _table(groups, capacity, resolution)
+    best, _, unit = _table(groups, capacity, resolution, slack=len(groups))  # rounding up costs a unit per group
     running = np.minimum.accumulate(best)
-    picks = np.unique(np.linspace(0, resolution, points).round().astype(int))
-    return [(float(i * unit), float(running[i])) for i in picks if np.isfinite(running[i])]
+    picks = np.unique(np.linspace(0, resolution + len(groups), points).round().astype(int))
+    return [(min(float(i * unit), capacity), float(running[i])) for i in picks if np.isfinite(running[i])]
 
 
 def least_cost(groups: list[list[tuple[float, float]]]) -> float:

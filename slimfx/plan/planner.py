@@ -37,7 +37,7 @@ class Plan:
     latency_s: float
     dense_bytes: int
     bytes: int
-    predicted_error: float  # sqrt of the summed squared layer errors (the knapsack's proxy)
+    predicted_error: float  # sqrt of the summed squared layer errors, each weighed by its sensitivity (the proxy)
     measured_error: float | None = None  # relative output error of the planned model on calibration data
     frontier: list[tuple[float, float]] = field(default_factory=list)  # (resource ratio, predicted error)
     notes: list[str] = field(default_factory=list)
@@ -144,6 +144,9 @@ class Problem:
     resource: str  # what cost is: "latency" | "memory" | "error" (squared)
 
 
+PROBE_ERROR = 0.2  # the layer error at which each layer's end-to-end sensitivity is measured
+
+
 class Planner:
     def __init__(self, program: Program, layers: list[LayerOptions], budget: Budget, workload: Workload,
                  profile: Any, hints: dict, tune: str, allow_slower: bool = False):
@@ -164,17 +167,37 @@ class Planner:
         self.dense_latency_s = self.fixed_s + dense_layers_s
         self.dense_bytes = program.weight_bytes()
         self.fixed_bytes = self.dense_bytes - sum(l.dense.bytes for l in layers)
+        self.sensitivity = [1.0] * len(layers)  # end-to-end squared error per unit of a layer's squared error
+
+    def calibrate(self, scorer: Scorer) -> None:
+        """Weigh each layer's error by what it does to the model's output: change that layer alone to the option
+        whose own error is nearest ``PROBE_ERROR`` and measure the output error end to end. A layer feeding the
+        logits counts for more than one inside a residual branch, which summed layer errors cannot know."""
+        for index, layer in enumerate(self.layers):
+            lossy = [(abs(o.error - PROBE_ERROR), i) for i, o in enumerate(layer.options) if o.error > 0]
+            if not lossy:
+                continue
+            probe = min(lossy)[1]
+            choice = [0] * len(self.layers)
+            choice[index] = probe
+            self.sensitivity[index] = scorer(choice) ** 2 / layer.options[probe].error ** 2
 
     # -- the knapsack ---------------------------------------------------------------------------------------------
     def problem(self, error_cap: float | None = None) -> Problem:
         if self.budget.resource == "memory" and self.budget.memory is not None:
             cap = self.budget.memory * (self.dense_bytes if self.budget.memory <= 1 else 1) - self.fixed_bytes
-            return Problem([[(o.bytes, o.error ** 2) for o in l.options] for l in self.layers], cap, "memory")
+            return Problem([[(o.bytes, s * o.error ** 2) for o in l.options] for l, s in self._weighted()], cap,
+                           "memory")
         if self.budget.latency is not None:
             cap = self.budget.latency * self.dense_latency_s - self.fixed_s
-            return Problem([[(o.latency_s, o.error ** 2) for o in l.options] for l in self.layers], cap, "latency")
+            return Problem([[(o.latency_s, s * o.error ** 2) for o in l.options] for l, s in self._weighted()], cap,
+                           "latency")
         cap = (error_cap if error_cap is not None else self.budget.max_error) ** 2
-        return Problem([[(o.error ** 2, o.latency_s) for o in l.options] for l in self.layers], cap, "error")
+        return Problem([[(s * o.error ** 2, o.latency_s) for o in l.options] for l, s in self._weighted()], cap,
+                       "error")
+
+    def _weighted(self):
+        return zip(self.layers, self.sensitivity)
 
     def solve(self, problem: Problem) -> list[int]:
         if problem.capacity < 0 or (least := knapsack.least_cost(problem.groups)) > problem.capacity * (1 + 1e-9):
@@ -199,6 +222,8 @@ class Planner:
         return BudgetError("max_error below zero", 0.0)
 
     def plan(self, scorer: Scorer | None = None, generations: int = 0, seed: int = 0) -> Plan:
+        if scorer is not None:
+            self.calibrate(scorer)
         problem = self.problem()
         choice = self.solve(problem)
         measured = scorer(choice) if scorer is not None else None
@@ -236,12 +261,14 @@ class Planner:
                     {l.layer: l.dense for l in self.layers}, self.dense_latency_s,
                     self.fixed_s + sum(o.latency_s for o in chosen.values()), self.dense_bytes,
                     self.fixed_bytes + sum(o.bytes for o in chosen.values()),
-                    math.sqrt(sum(o.error ** 2 for o in chosen.values())), measured, notes=list(self.notes))
+                    math.sqrt(sum(s * o.error ** 2 for o, s in zip(chosen.values(), self.sensitivity))), measured,
+                    notes=list(self.notes))
 
     def _frontier(self) -> list[tuple[float, float]]:
         """(latency or memory ratio, predicted error) at every budget up to dense: the Pareto plot's curve."""
         memory = self.budget.resource == "memory"
-        groups = [[(o.bytes if memory else o.latency_s, o.error ** 2) for o in l.options] for l in self.layers]
+        groups = [[(o.bytes if memory else o.latency_s, s * o.error ** 2) for o in l.options]
+                  for l, s in self._weighted()]
         dense = sum(g[0][0] for g in groups)
         fixed, total = (self.fixed_bytes, self.dense_bytes) if memory else (self.fixed_s, self.dense_latency_s)
         return [((fixed + c) / total, math.sqrt(v)) for c, v in knapsack.frontier(groups, dense)]

@@ -169,9 +169,12 @@ def _calibration(data: Any) -> list | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.model is None:
+        return _planned_demo(args)
     from .api import compress
     from .models import DEMO_PIPELINES, pretrained
 
+    args.profile = args.profile or "cpu-generic"
     if args.model not in DEMO_PIPELINES:
         raise SlimfxError(f"unknown demo model {args.model!r}; choose one of {', '.join(DEMO_PIPELINES)}")
     args.pipeline = args.pipeline or DEMO_PIPELINES[args.model]
@@ -185,6 +188,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(result.report.summary())
     lines, measured = _compare(model, result, data, compiled=True)
     print("\n".join(lines + _explain_prediction(result.report, *measured)))
+    return 0
+
+
+def _planned_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import run_demo, table
+    from .hw_profiles.profiles import local_profile, resolve_profile
+
+    try:
+        budgets = tuple(float(b) for b in args.budgets.split(","))
+    except ValueError:
+        raise SlimfxError(f"--budgets {args.budgets!r}: give latency fractions separated by commas, e.g. 0.7,0.5") from None
+    profile = resolve_profile(args.profile) or local_profile()
+    if any(not 0 < b <= 1 for b in budgets):
+        raise SlimfxError(f"--budgets {args.budgets!r}: each is a fraction of the dense latency in (0, 1]")
+    print("slimfx demo: a byte-level LM trained on this machine's Python standard library source, and a CNN "
+          "trained on the UCI handwritten digits (shipped with slimfx); both trained once, then cached.")
+    print(f"Planned for {profile.name} at latency budgets {', '.join(map(str, budgets))} (then healed "
+          f"{args.heal} steps and lowered), and for an H100 decoding at a memory budget; timed here under "
+          f"torch.compile, interleaved, {torch.get_num_threads()} CPU threads.\n")
+    out = Path(args.out)
+    rows = run_demo(out, budgets, args.heal, args.profile)
+    print(table(rows))
+    print("\nquality: bits/byte on held-out text (lower is better) for byte-lm, held-out accuracy in % for "
+          "digits-cnn. predicted: latency on the target's profile relative to dense; measured here: the same, timed "
+          "on this machine (the h100 row cannot be). error: output error on calibration data, after healing.")
+    for row in rows:
+        if row.report is not None:
+            plan = row.report.plans[0]
+            print(f"\n{row.model}, {row.target}, {row.budget}:")
+            print("\n".join("  " + line for line in plan.table().splitlines()))
+            if row.report.heal_errors:
+                print(f"  healing: output error on calibration data {row.report.heal_errors[0]:.4f} -> "
+                      f"{row.report.heal_errors[1]:.4f}")
+    print(f"\nreports (Markdown, JSON, Pareto plots) and the table: {out}/")
     return 0
 
 
@@ -263,12 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with DIR: write the sources there)")
     p.set_defaults(fn=cmd_explain)
 
-    p = sub.add_parser("demo", help="train a small model on real data, compress it, and compare accuracy")
-    p.add_argument("--model", default="digits-proj-cnn",
-                   help="built-in model to train (default: digits-proj-cnn; also digits-cnn, digits-mlp, digits-transformer, "
-                        "digits-mobilenet)")
-    p.add_argument("--pipeline", default=None, help="passes to run (default: a fold-bn + factorize pipeline per model)")
-    p.add_argument("--profile", default="cpu-generic", help="hardware profile name or file (default: cpu-generic)")
+    p = sub.add_parser("demo", help="train small models on real data, plan them at budgets, measure quality and speed")
+    p.add_argument("--model", default=None,
+                   help="instead of the planned demo, run one built-in model through a hand-written pipeline "
+                        "(digits-proj-cnn, digits-cnn, digits-mlp, digits-transformer, digits-mobilenet)")
+    p.add_argument("--pipeline", default=None, help="with --model: passes to run (default: one per model)")
+    p.add_argument("--profile", default=None,
+                   help="hardware profile name or file (default: this machine's; with --model: cpu-generic)")
+    p.add_argument("--budgets", default="0.7,0.5", help="latency budgets, fractions of dense (default: 0.7,0.5)")
+    p.add_argument("--heal", type=int, default=100, help="healing steps after planning (default: 100)")
+    p.add_argument("--out", default="slimfx-demo", help="where the reports go (default: ./slimfx-demo)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("profile", help="hardware profiles: list, show, or calibrate this machine")

@@ -14,10 +14,12 @@ from typing import Callable
 
 def refine(problem, choice: list[int], score: Callable[[list[int]], float], generations: int, seed: int = 0,
            offspring: int = 6) -> tuple[list[int], float]:
+    from ..progress import progress
+
     rng = random.Random(seed)
     groups, capacity = problem.groups, problem.capacity
     best, best_score = list(choice), score(choice)
-    for _ in range(generations):
+    for _ in progress(range(generations), "planner: search generations"):
         parent = best
         for _ in range(offspring):
             child = _mutate(parent, groups, capacity, rng)

@@ -1,0 +1,85 @@
+"""End to end: dense under torch.compile against slimfx, on the demo models, timed side by side, interleaved.
+
+    python benchmarks/end_to_end.py [--budgets 0.9,0.8,0.7,0.6,0.5,0.4]
+
+For each model (the byte LM trained on the standard library's source; the digits CNN) and each latency budget:
+
+- ``backend``: ``torch.compile(model, backend="slimfx", options={"budget": ..., "calibration": stats})``: the
+  plan is made on every Dynamo graph from calibration statistics (no end-to-end scoring, no healing there);
+- ``compress``: ``slimfx.compress(model, budget=..., heal=200)`` (the planner weighs each layer by its measured
+  end-to-end sensitivity, then heals), then ``torch.compile``.
+
+All of them and the dense model are timed in one interleaved run per model. Quality loss: relative perplexity
+(2^(Δ bits per byte) − 1) for the LM, accuracy points for the CNN. Then the frontier: the fastest result within
+1%, 3% and 10% loss. Profile: this machine's (its built-in one unless calibrated).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import slimfx
+from slimfx.demo import subjects
+from slimfx.timing import interleaved
+
+
+def loss_of(name: str, dense: float, value: float) -> float:
+    """Quality loss in percent: relative perplexity for the LM, accuracy points for the CNN."""
+    return 100 * (2 ** (value - dense) - 1) if name == "byte-lm" else dense - value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budgets", default="0.9,0.8,0.7,0.6,0.5,0.4")
+    parser.add_argument("--heal", type=int, default=200)
+    args = parser.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for subject in subjects():
+        dense_quality = subject.quality(subject.model)
+        stats = slimfx.collect_stats(subject.model, subject.calibration)
+        runners = {"dense": torch.compile(subject.model)}
+        quality = {"dense": dense_quality}
+        for budget in budgets:
+            name = f"backend latency={budget}"
+            try:
+                compiled = torch.compile(subject.model, backend="slimfx", options={
+                    "pipeline": subject.pipeline, "budget": {"latency": budget}, "calibration": stats})
+                with torch.no_grad():
+                    compiled(*subject.measure_input)  # plans and compiles now, so errors show here
+                runners[name], quality[name] = compiled, subject.quality(compiled)
+            except Exception as exc:  # noqa: BLE001 - an unreachable budget is a line of output
+                print(f"{subject.name} {name}: {type(exc).__name__}: {str(exc).splitlines()[-1][:160]}")
+            name = f"compress latency={budget} heal={args.heal}"
+            try:
+                start = time.perf_counter()
+                result = slimfx.compress(subject.model, subject.example, pipeline=subject.pipeline,
+                                         calibration=subject.calibration, budget={"latency": budget}, heal=args.heal)
+                print(f"{subject.name} {name}: planned and compressed in {time.perf_counter() - start:.1f} s; "
+                      f"plan {result.report.plans[0].decisions()}")
+                runners[name], quality[name] = torch.compile(result), subject.quality(result)
+            except slimfx.errors.BudgetError as exc:
+                print(f"{subject.name} {name}: {exc}")
+        with torch.no_grad():
+            timings = interleaved({k: (lambda m=m: m(*subject.measure_input)) for k, m in runners.items()}, rounds=15)
+        base = timings["dense"].median_s
+        print(f"\n{subject.name}: quality in {subject.unit} (dense {dense_quality:.4f}), batch "
+              f"{tuple(subject.measure_input[0].shape)}, torch.compile, interleaved")
+        print(f"  {'':<34} {'quality':>9} {'loss %':>8} {'median':>10} {'speedup':>8}")
+        rows = []
+        for key, t in timings.items():
+            loss = loss_of(subject.name, dense_quality, quality[key])
+            speedup = base / t.median_s
+            rows.append((key, loss, speedup))
+            print(f"  {key:<34} {quality[key]:>9.4f} {loss:>8.2f} {t.median_s * 1e3:>8.2f}ms {speedup:>7.2f}x")
+        for limit in (1, 3, 10):
+            within = [r for r in rows if r[1] <= limit]
+            best = max(within, key=lambda r: r[2])
+            print(f"  frontier at <= {limit}% loss: {best[2]:.2f}x ({best[0]}, loss {best[1]:.2f}%)")
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -76,10 +76,11 @@ def trainable_weights(program: Program) -> list[str]:
 
 def distill(program: Program, batches: list, reference: list, steps: int = 300, lr: float = 1e-3,
             pass_name: str = "depth-merge", targets: list[str] | None = None,
-            overrides: dict[fx.Node, Override] | None = None) -> tuple[float, float]:
+            overrides: dict[fx.Node, Override] | None = None, relative_lr: bool = False) -> tuple[float, float]:
     """Fine-tune the program's trainable weights (or ``targets``) so its outputs match ``reference`` on
-    ``batches``; ``overrides`` run nodes differentiably (compressed ops through their reference math). Returns the
-    output error (as ``output_error``) before and after."""
+    ``batches``; ``overrides`` run nodes differentiably (compressed ops through their reference math).
+    ``relative_lr`` scales each tensor's step by its RMS, so a small factor moves as much, relatively, as a large
+    one. Returns the output error (as ``output_error``) before and after."""
     before = output_error(program, batches, reference, overrides)
     targets = trainable_weights(program) if targets is None else targets
     if steps <= 0 or not targets or before == 0.0:
@@ -88,7 +89,9 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
     # float32 master copies (Adam's state and small updates underflow in half precision), cast on every step
     params = {t: value.detach().to(torch.promote_types(value.dtype, torch.float32)).clone().requires_grad_(True)
               for t, value in originals.items()}
-    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    groups = [{"params": [p], "lr": lr * (float(p.detach().pow(2).mean().sqrt()) or 1.0 if relative_lr else 1.0)}
+              for p in params.values()]
+    optimizer = torch.optim.Adam(groups, lr=lr)
     energy = [sum(y.double().pow(2).mean().item() for y in ref) or 1.0 for ref in reference]
     with torch.enable_grad():
         for _, index in zip(range(steps), itertools.cycle(range(len(batches)))):

@@ -33,7 +33,7 @@ class Heal(Pass):
     needs_reference: ClassVar[bool] = True  # the manager keeps the original's outputs on calibration batches
 
     steps: int = 200
-    lr: float = 1e-3
+    lr: float = 1e-2  # relative: each tensor's Adam step is this fraction of its RMS
     batches: int = 8  # calibration batches trained on (and scored on)
 
     def validate(self) -> None:
@@ -53,7 +53,8 @@ class Heal(Pass):
         targets = healable(program)
         overrides = {n: _reference(n) for n in program.graph.nodes
                      if n.op == "call_function" and n.target in REFERENCE}
-        before, after = distill(program, batches, reference, self.steps, self.lr, self.name, targets, overrides)
+        before, after = distill(program, batches, reference, self.steps, self.lr, self.name, targets, overrides,
+                                relative_lr=True)
         ctx.heal_errors = (math.sqrt(before), math.sqrt(after))
         ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps; output error on calibration data "
                  f"{math.sqrt(before):.4f} -> {math.sqrt(after):.4f}")

@@ -54,14 +54,16 @@ class Plan:
         return {layer: str(option.decision) for layer, option in self.layers.items()}
 
     def table(self) -> str:
+        """One row per layer: decision, kernel, predicted error, latency and bytes against the dense layer's."""
         width = max([len(k) for k in self.layers] + [5])
-        lines = [f"  {'layer':<{width}}  {'decision':<16} {'kernel':<22} {'error':>7} {'latency':>16} {'bytes':>19}"]
+        lines = [f"  {'layer':<{width}}  {'decision':<16} {'kernel':<18} {'error':>7}  {'latency us (dense)':<22}"
+                 f"{'bytes (dense)'}"]
         for layer, option in self.layers.items():
             dense = self.dense[layer]
-            how = "measured" if option.measured else "predicted"
-            lines.append(f"  {layer:<{width}}  {str(option.decision):<16} {option.kernel[:22]:<22} "
-                         f"{option.error:>7.4f} {option.latency_s * 1e6:>7.1f}/{dense.latency_s * 1e6:<6.1f}us"
-                         f"{how[0]} {option.bytes:>9,}/{dense.bytes:<9,}")
+            how = " measured" if option.measured else ""
+            lines.append(f"  {layer:<{width}}  {str(option.decision):<16} {option.kernel[:18]:<18} "
+                         f"{option.error:>7.4f}  {f'{option.latency_s * 1e6:.1f} ({dense.latency_s * 1e6:.1f}){how}':<22}"
+                         f"{option.bytes:,} ({dense.bytes:,})")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -77,7 +77,10 @@ def compress(
 ) -> CompressedModule:
     """Compress ``model`` with ``pipeline`` (text like ``"fold-bn,factorize{keep=0.5}"`` or Pass objects).
 
-    The user's model is not modified. ``calibration`` is an iterable of batches, each a full set of model
+    The user's model is not modified. ``profile`` names the target (a built-in name such as ``"h100"``, a TOML
+    path, or a Profile); without one it is this machine (the profile ``slimfx profile calibrate --save`` cached,
+    else the built-in one for its device), and ``profile="none"`` turns cost gating off. ``calibration`` is an
+    iterable of batches, each a full set of model
     inputs (a tuple, or a dict of keyword inputs). ``report.final_rel_error`` is the output error against the
     original model on the example inputs; above ``BROKEN_ERROR`` a warning names the layers most to blame.
     The pipeline ends with the ``lower`` stage (kernels for ``profile``'s device) unless it names it itself, or
@@ -94,7 +97,7 @@ def compress(
 
     pipeline = with_budget(pipeline, budget, workload, tune, heal)
     manager = PassManager(pipeline, check=check, on_pass=on_pass, lower=lower)  # fail fast on a bad pipeline
-    ctx = PassContext(profile=resolve_profile(profile), calibration=calibration)
+    ctx = PassContext(profile=resolve_profile(profile, default_local=True), calibration=calibration)
     check_calibration(calibration, "slimfx.compress")
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
     require_module(model)
@@ -106,10 +109,18 @@ def compress(
     except CaptureError as exc:
         return _compress_parts(model, args, kwargs, manager, ctx, dynamic, reference, exc)
     report = manager.run(program, ctx)
-    report.notes[:0] = program.notes
+    report.notes[:0] = program.notes + _default_target_note(profile, ctx)
     result = CompressedModule(program.gm, report, program)
     _finish_report(report, reference, result, args, kwargs, calibration is not None)
     return result
+
+
+def _default_target_note(profile: Any, ctx: PassContext) -> list[str]:
+    if profile is not None or ctx.profile is None:
+        return []
+    return [f"no profile given: priced for {ctx.profile.name}, this machine's "
+            f"{'calibrated' if ctx.profile.source == 'calibrated' else 'built-in'} profile (profile='none' turns "
+            "cost gating off)"]
 
 
 def _capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Program:

@@ -70,7 +70,7 @@ def slimfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
     opts = BackendOptions.parse(options)
     from .hw_profiles.profiles import resolve_profile
 
-    ctx = PassContext(profile=resolve_profile(opts.profile), calibration=opts.calibration)
+    ctx = PassContext(profile=resolve_profile(opts.profile, default_local=True), calibration=opts.calibration)
     manager = PassManager(opts.pipeline, check=opts.check, on_pass=opts.on_pass, lower=opts.lower)
     inputs = [_concrete(v) for v in example_inputs]
     try:

@@ -255,11 +255,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     profile = calibrate(device=args.device, name=args.name)
     text = to_toml(profile)
+    if args.save:
+        from .hw_profiles.profiles import calibrated_path
+
+        path = calibrated_path(profile.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"saved as this machine's default profile: {path} (compress, the backend and the planner use it "
+              "when no profile is given)")
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)
         print(f"wrote {args.out}; use it with --profile {args.out}")
-    else:
+    elif not args.save:
         print(text, end="")
     return 0
 
@@ -319,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="show: profile name or file; calibrate: name for the new profile")
     p.add_argument("--out", help="calibrate: write the profile here (TOML)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="calibrate: device to measure (default: cuda if present)")
+    p.add_argument("--save", action="store_true",
+                   help="calibrate: keep it as this machine's default profile (used when no profile is given)")
     p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("passes", help="list the registered passes and their options")

@@ -101,7 +101,8 @@ def _compare_methods(model, data, keep, exclude):
     results = {}
     for method in ("svd", "whitened"):
         result = slimfx.compress(model, (data.test_x[:32],), calibration=calibration(data),
-                                 pipeline=f"factorize{{method={method},keep={keep},exclude={exclude}}}")
+                                 pipeline=f"factorize{{method={method},keep={keep},exclude={exclude}}}",
+                                 profile="none")
         acc, loss = evaluate(result, data.test_x, data.test_y)
         results[method] = (result.report.final_rel_error, loss, result.report.params_after)
     return results
@@ -177,7 +178,8 @@ def test_backend_factorizes_hf_models_with_collected_stats():
         assert stats.batches == 2
         report = slimfx.Report("")
         compiled = torch.compile(model, backend="slimfx", options={
-            "pipeline": "factorize{keep=0.9}", "calibration": stats, "report": report, "inductor": False})
+            "pipeline": "factorize{keep=0.9}", "calibration": stats, "report": report, "inductor": False,
+            "profile": "none"})
         with torch.no_grad():
             out, ref = compiled(ids).last_hidden_state, model(ids).last_hidden_state
         factorized = sum(r.rewrites.get("linear", 0) for r in report.passes)

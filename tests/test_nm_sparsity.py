@@ -50,8 +50,9 @@ def test_every_group_satisfies_the_pattern(digits_mlp, n, m, layout):
 
 def test_compressed_storage_really_shrinks_and_matches_the_masked_model(digits_mlp):
     model, data = digits_mlp
-    compressed = slimfx.compress(model, (data.test_x[:16],), pipeline="nm{method=magnitude,layout=compressed}")
-    dense = slimfx.compress(model, (data.test_x[:16],), pipeline="nm{method=magnitude,layout=dense}")
+    compressed = slimfx.compress(model, (data.test_x[:16],), pipeline="nm{method=magnitude,layout=compressed}",
+                                 profile="none")  # no target: the weights stay compressed whatever the speed
+    dense = slimfx.compress(model, (data.test_x[:16],), pipeline="nm{method=magnitude,layout=dense}", profile="none")
     linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
     saved = dense.report.weight_bytes_after - compressed.report.weight_bytes_after
     assert saved == pytest.approx(linear_bytes * (1 - 0.5 - 0.5 / 16), abs=16)  # values ½, 2-bit indices

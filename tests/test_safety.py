@@ -118,7 +118,8 @@ def test_a_tied_lm_head_stays_dense_and_keeps_its_first_owners_name():
     transformers = pytest.importorskip("transformers")
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300)).eval()
     ids = torch.randint(0, 300, (2, 8))
-    result = slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5,method=svd},nm{method=magnitude}")
+    result = slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5,method=svd},nm{method=magnitude}",
+                             profile="none")
     tied = [s for s in result.report.skipped if "wte" in s.layer]
     assert [s.pass_name for s in tied] == ["factorize", "nm"] and tied[0].layer == "transformer.wte.weight"
     assert result.report.weight_bytes_after < result.report.weight_bytes_before  # never bigger
@@ -172,7 +173,8 @@ def test_buffers_are_not_compressed():
         def forward(self, x):
             return self.fc(x @ self.rotation.T)
 
-    result = slimfx.compress(Rotated().eval(), (torch.randn(4, 32),), pipeline="factorize{rank=4,method=svd}")
+    result = slimfx.compress(Rotated().eval(), (torch.randn(4, 32),), pipeline="factorize{rank=4,method=svd}",
+                             profile="none")
     assert result.report.rewrites("factorize") == {"linear": 1, "skipped-constrained": 1}
     assert [s.reason for s in result.report.skipped] == ["not a trained weight (buffer)"]
 

@@ -147,8 +147,20 @@ def load_profile(name_or_path: str | Path) -> Profile:
     return parse_profile(data, source)
 
 
+def calibrated_path(device: str | None = None) -> Path:
+    """Where ``slimfx profile calibrate`` keeps this machine's measured profile: ``$SLIMFX_CACHE/profiles``."""
+    from ..models import cache_dir
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return cache_dir() / "profiles" / f"local-{device}.toml"
+
+
 def local_profile() -> Profile:
-    """The built-in profile for this machine's device: a known GPU by its name, else cpu-generic."""
+    """This machine's profile: the one ``slimfx profile calibrate`` measured and cached, if any, else the built-in
+    one for its device (a known GPU by its name, else cpu-generic)."""
+    cached = calibrated_path()
+    if cached.exists():
+        return load_profile(cached)
     if torch.cuda.is_available():
         words = set(re.split(r"[^a-z0-9]+", torch.cuda.get_device_name().lower()))  # "NVIDIA H100 80GB HBM3"
         for known in ("h100", "a100", "l4"):
@@ -159,9 +171,15 @@ def local_profile() -> Profile:
     return load_profile("cpu-generic")
 
 
-def resolve_profile(profile: Any) -> Profile | None:
-    """None, a Profile, a built-in name or a path -> Profile (or None: no cost gating)."""
-    if profile is None or isinstance(profile, Profile):
+def resolve_profile(profile: Any, default_local: bool = False) -> Profile | None:
+    """None, a Profile, a built-in name or a path -> Profile. None stays None (no cost gating) unless
+    ``default_local``: then it is this machine's profile (``local_profile``), as the entry points use it;
+    ``"none"`` asks for no cost gating there."""
+    if isinstance(profile, str) and profile == "none":
+        return None
+    if profile is None:
+        return local_profile() if default_local else None
+    if isinstance(profile, Profile):
         return profile
     if isinstance(profile, (str, Path)):
         return load_profile(profile)

@@ -5,7 +5,8 @@ their numbers after such a step. Trained: low-rank factors, the kept N:M values 
 are not trained), the quantization corrections A and B (the codes, scales and zero points stay), and the
 weights of factorized and merged convs and linears. Compressed ops run through their reference math
 (differentiable) while training. The target is the original model's outputs on the calibration batches, computed
-before the first pass; the report shows the output error before and after. Never left worse than it was.
+before the first pass; a quarter of the batches are held out, and the report shows the output error on them
+before and after. Kept only if that held-out error falls.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import ClassVar
 import torch.fx as fx
 
 from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR, REFERENCE
-from ..ir.program import CONV2D, LINEAR, Program
+from ..ir.program import CONV2D, LINEAR, Program, fetch_attr
 from .base import Pass, PassContext, register
-from .distill import distill
+from .distill import _set, distill, output_error
 
 TRAINED_ARGS = {LOWRANK_LINEAR: (1, 2), NM_LINEAR: (1,), QUANT_LINEAR: (4, 5)}
 LOSSY_PASSES = ("factorize", "depth-merge", "nm", "quant-lowrank")
@@ -53,11 +54,22 @@ class Heal(Pass):
         targets = healable(program)
         overrides = {n: _reference(n) for n in program.graph.nodes
                      if n.op == "call_function" and n.target in REFERENCE}
-        before, after = distill(program, batches, reference, self.steps, self.lr, self.name, targets, overrides,
-                                relative_lr=True)
+        held = len(batches) // 4  # scored on batches it did not train on: a few batches are easy to overfit
+        train, check = (batches[:-held], batches[-held:]) if held else (batches, batches)
+        train_ref, check_ref = (reference[:-held], reference[-held:]) if held else (reference, reference)
+        kept = {t: fetch_attr(program.gm, t) for t in targets}
+        before = output_error(program, check, check_ref, overrides)
+        distill(program, train, train_ref, self.steps, self.lr, self.name, targets, overrides, relative_lr=True)
+        after = output_error(program, check, check_ref, overrides)
+        if not after < before:  # it did not generalise: leave the compressed model as it was
+            for t, value in kept.items():
+                _set(program.gm, t, value)
+            after = before
+        where = f"{len(check)} held-out calibration batch(es)" if held else "the calibration data (too few batches " \
+                                                                             "to hold some out)"
         ctx.heal_errors = (math.sqrt(before), math.sqrt(after))
-        ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps; output error on calibration data "
-                 f"{math.sqrt(before):.4f} -> {math.sqrt(after):.4f}")
+        ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps on {len(train)} batch(es); output error "
+                 f"on {where} {math.sqrt(before):.4f} -> {math.sqrt(after):.4f}")
         return Counter({"trained": len(targets)} if after < before else {"unchanged": len(targets)})
 
 
@@ -83,8 +95,6 @@ def balance_factors(program: Program) -> None:
     """Give each low-rank pair once (V and U of a factorized layer, B and A of a correction) equal norms per rank
     component, without changing their product: whitening leaves one factor orders of magnitude smaller than the
     other, and Adam's per-element steps would then wreck the small one. New tensors replace the old ones."""
-    from .distill import _set
-
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target not in (LOWRANK_LINEAR, QUANT_LINEAR):
             continue

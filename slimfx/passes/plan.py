@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..errors import CalibrationError, PipelineError
+from ..errors import BudgetError, CalibrationError, PipelineError
 from ..ir.program import Program
 from .base import Pass, PassContext, register
 from .calibration import ActivationStats, calibration_inputs, require_stats
@@ -86,7 +86,11 @@ class PlanPass(Pass):
             ctx.note(f"plan: no profile given; planned for {profile.name}, the built-in profile for this device")
         pricing = Pricing(profile.device, profile, hints, self.tune, keep_storage=budget.resource == "memory")
         grid = Grid(techniques=tuple(self.techniques.split("|")), nm_method=self.nm_method)
-        layers = layer_options(program, stats, pricing, grid, self.exclude)
+        missing: list[str] = []
+        layers = layer_options(program, stats, pricing, grid, self.exclude, missing)
+        for origin in missing:
+            ctx.skip(self.name, origin, "no calibration statistics describe its input (statistics given ready-made "
+                                        "describe the original model, not layers an earlier pass merged or changed)")
         if not layers:
             raise PipelineError("plan: no layer can be compressed (none is a trained, unshared linear or conv with "
                                 "calibration statistics); nothing to plan")
@@ -98,7 +102,14 @@ class PlanPass(Pass):
             ctx.note("plan: calibration given as statistics, so the end-to-end error is not measured; "
                      "search and max_error use the predicted (summed) error")
         planner = Planner(program, layers, budget, workload, profile, hints, self.tune, self.allow_slower)
-        plan = planner.plan(scorer, self.search)
+        try:
+            plan = planner.plan(scorer, self.search)
+        except BudgetError as exc:
+            if missing:
+                exc.args = (f"{exc.args[0]}; {len(missing)} layer(s) had no calibration statistics and stayed out "
+                            f"of the plan ({', '.join(missing[:4])}): pass raw calibration batches to "
+                            "slimfx.compress, or collect the statistics after the exact passes",)
+            raise
         ctx.plans.append(plan)
         counts: Counter = Counter()
         expected = Counter(o.decision.technique for o in plan.layers.values() if o.decision.technique != "dense")

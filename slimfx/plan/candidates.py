@@ -85,9 +85,11 @@ class Pricing:
         return priced[0][0], priced[0][1].name, runs_dense
 
 
-def layer_options(program: Program, stats, pricing: Pricing, grid: Grid, exclude: str = "") -> list[LayerOptions]:
+def layer_options(program: Program, stats, pricing: Pricing, grid: Grid, exclude: str = "",
+                  without_stats: list[str] | None = None) -> list[LayerOptions]:
     """Options for every weight a lossy pass may rewrite (trained, unconstrained, not shared with another kind of
-    op, not ``exclude``d); the rest stay as they are and count as fixed cost."""
+    op, not ``exclude``d); the rest stay as they are and count as fixed cost. Layers no calibration statistics
+    reached are named in ``without_stats``."""
     layers = []
     for node in progress(first_use_of_each_weight(program, DENSE_LAYERS), "planner: layer options"):
         origin = program.weights[node.args[1].target].origin
@@ -99,6 +101,8 @@ def layer_options(program: Program, stats, pricing: Pricing, grid: Grid, exclude
             continue  # grouped and depthwise convs: nothing here shrinks them
         layer_stats = stats.get(origin, _matrix(program, node).shape[1]) if stats is not None else None
         if layer_stats is None:
+            if without_stats is not None:
+                without_stats.append(origin)
             continue
         layers.append(_options(program, node, uses, origin, layer_stats, pricing, grid))
     return layers

@@ -155,12 +155,14 @@ class Planner:
         self.program, self.budget, self.workload, self.profile, self.tune = program, budget, workload, profile, tune
         self.notes: list[str] = []
         if not allow_slower:  # never plan a rewrite the target runs slower than the dense layer
+            dropped = 0
             for layer in layers:
                 kept = [o for o in layer.options if o.latency_s <= layer.dense.latency_s * (1 + 1e-9)]
-                dropped = len(layer.options) - len(kept)
+                dropped += len(layer.options) - len(kept)
                 layer.options = kept
-                if dropped:
-                    self.notes.append(f"{layer.layer}: {dropped} option(s) slower than dense left out")
+            if dropped:
+                self.notes.append(f"{dropped} option(s) {'measured' if tune == 'measure' else 'predicted'} slower "
+                                  "than their dense layer left out (plan{allow_slower=true} keeps them)")
         self.layers = layers
         dense_layers_s = sum(l.dense.latency_s for l in layers)
         modelled = program_cost(program.graph, profile, hints).total_s

@@ -118,9 +118,11 @@ def compress(
 def _default_target_note(profile: Any, ctx: PassContext) -> list[str]:
     if profile is not None or ctx.profile is None:
         return []
-    return [f"no profile given: priced for {ctx.profile.name}, this machine's "
-            f"{'calibrated' if ctx.profile.source == 'calibrated' else 'built-in'} profile (profile='none' turns "
-            "cost gating off)"]
+    from .hw_profiles.profiles import calibrated_path
+
+    kind = "calibrated" if ctx.profile.source == str(calibrated_path(ctx.profile.device)) else "built-in"
+    return [f"no profile given: priced for {ctx.profile.name}, this machine's {kind} profile (profile='none' "
+            "turns cost gating off)"]
 
 
 def _capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Program:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .passes.manager import Report
+from .plan.planner import ROW_HEADS
 
 
 def to_markdown(report: Report, title: str = "slimfx report", extra: Sequence[str] = ()) -> str:
@@ -33,14 +34,8 @@ def to_markdown(report: Report, title: str = "slimfx report", extra: Sequence[st
                   f"predicted latency {plan.latency_ratio:.3f}x dense, weights {plan.memory_ratio:.3f}x, predicted "
                   f"error {plan.predicted_error:.4f}" + (f", measured error {plan.measured_error:.4f}"
                                                          if plan.measured_error is not None else ""), "",
-                  "| layer | decision | kernel | error | latency (us) | dense (us) | bytes | dense bytes |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for layer, option in plan.layers.items():
-            dense = plan.dense[layer]
-            how = " (measured)" if option.measured else ""
-            lines.append(f"| {layer} | {option.decision} | {option.kernel} | {option.error:.4f} | "
-                         f"{option.latency_s * 1e6:.1f}{how} | {dense.latency_s * 1e6:.1f} | {option.bytes:,} | "
-                         f"{dense.bytes:,} |")
+                  "| " + " | ".join(ROW_HEADS) + " |", "|" + "---|" * len(ROW_HEADS)]
+        lines += ["| " + " | ".join(row) + " |" for row in plan.rows()]
     notes = report.grouped_notes()
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]

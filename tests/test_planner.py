@@ -341,3 +341,28 @@ def test_the_search_never_leaves_the_budget_and_never_scores_worse(digits_transf
     assert b.latency_ratio <= 0.7 + 1e-9
     assert b.measured_error <= a.measured_error + 1e-12
     assert math.isfinite(b.predicted_error)
+
+
+def test_without_a_profile_the_target_is_this_machine(digits_mlp, tmp_path, monkeypatch):
+    """No profile means this machine's: N:M layers, slower than dense on this CPU, run dense (the report says so),
+    never the compressed layout at 0.78x; a profile cached by `slimfx profile calibrate --save` takes over."""
+    import dataclasses
+
+    from slimfx.hw_profiles.profiles import calibrated_path, load_profile, local_profile, to_toml
+
+    monkeypatch.setenv("SLIMFX_CACHE", str(tmp_path))
+    model, data = digits_mlp
+    x = (data.test_x[:256],)
+    result = slimfx.compress(model, x, pipeline="nm{method=magnitude}")
+    assert any("no profile given: priced for cpu-generic" in n for n in result.report.notes)
+    assert result.report.rewrites("lower") == {"dense-masked": 3}
+    assert any("run dense, because every form that keeps them compressed is predicted slower" in n
+               for n in result.report.notes)
+    ungated = slimfx.compress(model, x, pipeline="nm{method=magnitude}", profile="none")
+    assert ungated.report.rewrites("lower") == {"aten-decompress-linear": 3}
+    mine = dataclasses.replace(load_profile("cpu-generic"), name="my-box", source="calibrated")
+    calibrated_path("cpu").parent.mkdir(parents=True)
+    calibrated_path("cpu").write_text(to_toml(mine))
+    assert local_profile().name == "my-box"
+    again = slimfx.compress(model, x, pipeline="nm{method=magnitude}")
+    assert any("priced for my-box, this machine's calibrated profile" in n for n in again.report.notes)

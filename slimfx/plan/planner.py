@@ -22,6 +22,9 @@ from .budget import Budget, Workload
 from .options import Dense, LayerOptions, LowRank, Option, Quant, Sparse
 
 
+ROW_HEADS = ("layer", "decision", "kernel", "error", "latency us (dense)", "bytes (dense)")
+
+
 @dataclass
 class Plan:
     """One decision per layer (keyed by the weight's origin name: a weight read by several layers is decided once
@@ -53,18 +56,22 @@ class Plan:
     def decisions(self) -> dict[str, str]:
         return {layer: str(option.decision) for layer, option in self.layers.items()}
 
-    def table(self) -> str:
-        """One row per layer: decision, kernel, predicted error, latency and bytes against the dense layer's."""
-        width = max([len(k) for k in self.layers] + [5])
-        lines = [f"  {'layer':<{width}}  {'decision':<16} {'kernel':<18} {'error':>7}  {'latency us (dense)':<22}"
-                 f"{'bytes (dense)'}"]
+    def rows(self) -> list[tuple[str, ...]]:
+        """Per layer, as text: layer, decision, kernel, error, latency us (dense's), bytes (dense's)."""
+        out = []
         for layer, option in self.layers.items():
             dense = self.dense[layer]
             how = " measured" if option.measured else ""
-            lines.append(f"  {layer:<{width}}  {str(option.decision):<16} {option.kernel[:18]:<18} "
-                         f"{option.error:>7.4f}  {f'{option.latency_s * 1e6:.1f} ({dense.latency_s * 1e6:.1f}){how}':<22}"
-                         f"{option.bytes:,} ({dense.bytes:,})")
-        return "\n".join(lines)
+            out.append((layer, str(option.decision), option.kernel, f"{option.error:.4f}",
+                        f"{option.latency_s * 1e6:.1f} ({dense.latency_s * 1e6:.1f}){how}",
+                        f"{option.bytes:,} ({dense.bytes:,})"))
+        return out
+
+    def table(self) -> str:
+        """One row per layer: decision, kernel, predicted error, latency and bytes against the dense layer's."""
+        rows = [ROW_HEADS, *self.rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(ROW_HEADS))]
+        return "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
     def __str__(self) -> str:
         err = f", measured error {self.measured_error:.4f}" if self.measured_error is not None else ""

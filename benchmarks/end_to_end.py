@@ -36,9 +36,6 @@ def main() -> None:
     parser.add_argument("--heal", type=int, default=200)
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    # every compressed module runs the same CompressedModule.forward: Dynamo keeps one cache entry per module, and
-    # past its default limit of 8 it would run the rest eagerly
-    torch._dynamo.config.recompile_limit = 64
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for subject in subjects():
         dense_quality = subject.quality(subject.model)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from typing import Any, Callable
 
@@ -37,6 +38,12 @@ class CompressedModule(torch.nn.Module):
         self.report = report
         self.program = program
         self.parts = parts or []
+        # Dynamo caches compiled code per code object, at most 8 entries each: with one shared forward, the ninth
+        # compressed model torch.compile'd in a process would silently run eagerly. Each instance gets its own copy.
+        method = CompressedModule.forward
+        own = types.FunctionType(method.__code__.replace(), method.__globals__, method.__name__, method.__defaults__,
+                                 method.__closure__)
+        self.forward = types.MethodType(own, self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.program is None:  # eager top-level code: its errors are the model's own

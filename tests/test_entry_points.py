@@ -187,3 +187,19 @@ def test_a_compressed_module_called_with_inputs_it_does_not_take_says_what_it_ta
         with pytest.raises(ModelInputError, match=r"does not take these inputs.*captured with \(\(2, 8\)\)"):
             call()
     assert result(torch.randn(5, 8)).shape == (5, 4)  # other sizes where the model allows
+
+
+def test_many_compressed_models_compile_in_one_process():
+    """Each compressed module has its own forward code, so Dynamo's per-code cache limit (8) does not send the
+    ninth compiled model back to eager."""
+    compiled_graphs = []
+
+    def counting(gm, inputs):
+        compiled_graphs.append(gm)
+        return gm.forward
+
+    models = [slimfx.compress(nn.Sequential(nn.Linear(16, 16)).eval(), (torch.randn(4, 16),), pipeline="dead-code")
+              for _ in range(10)]
+    for model in models:
+        torch.compile(model, backend=counting)(torch.randn(4, 16))
+    assert len(compiled_graphs) == 10

@@ -232,3 +232,24 @@ def test_energy_option_bounds_each_layers_predicted_error(digits_transformer):
     assert notes and all(n["pred_err"] <= (1 - 0.95) ** 0.5 + 1e-4 for n in notes)
     skipped = sum(v for k, v in result.report.rewrites("factorize").items() if k.startswith("skipped"))
     assert len(notes) + skipped == 8  # qkv, proj, up, down in each of two blocks
+
+
+def test_the_output_side_route_gives_the_whitened_truncation_exactly():
+    """A layer with fewer outputs than inputs is whitened through W·XᵀX·Wᵀ (out × out): the same rank-r product and
+    the same exact error as the input-side route, which forms S = (XᵀX)^½."""
+    from slimfx.passes.calibration import LayerStats
+    from slimfx.passes.lowrank import _whitening, factorize_matrix
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 96, dtype=torch.float64) @ torch.randn(96, 96, dtype=torch.float64)  # correlated inputs
+    w = torch.randn(40, 96, dtype=torch.float64)
+    stats = LayerStats(x.T @ x, x.abs().sum(0), 512)
+    wide = factorize_matrix(w, "whitened", stats)  # 40 < 96: the output side
+    s, s_inv = _whitening(stats.gram, 1e-12)
+    u, sigma, vh = torch.linalg.svd(w @ s, full_matrices=False)
+    for rank in (1, 8, 20, 39):
+        expected = (u[:, :rank] * sigma[:rank]) @ (vh[:rank] @ s_inv)
+        a, b = wide.truncate(rank, torch.float64)
+        assert torch.allclose(a @ b, expected, atol=1e-8 * expected.abs().max())
+        measured = ((x @ (w - a @ b).T).norm() / (x @ w.T).norm()).item()
+        assert wide.rel_error(rank) == pytest.approx(measured, rel=1e-6)

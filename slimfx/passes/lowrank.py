@@ -6,7 +6,9 @@ first r rows/columns give ``W ≈ A[:, :r] B[:r]``:
 - ``svd``: T = I (the best approximation of the weights themselves);
 - ``whitened`` (SVD-LLM): T = S with S Sᵀ = XᵀX, so truncation minimises the *output* error ||X(W - W_r)ᵀ||;
   S is the symmetric square root from an eigendecomposition (any square root gives the same truncation as
-  SVD-LLM's Cholesky factor) with small eigenvalues floored, which handles rank-deficient XᵀX;
+  SVD-LLM's Cholesky factor) with small eigenvalues floored, which handles rank-deficient XᵀX. Where the layer
+  has fewer outputs than inputs, the same truncation comes from the out × out matrix W·XᵀX·Wᵀ instead
+  (``_whitened_from_outputs``), without S;
 - ``asvd``: T = diag(mean|x|)^α, scaling columns by how large their inputs are.
 
 The output error of dropping component i is σᵢ² · bᵢᵀ(XᵀX)bᵢ, and the cross terms vanish because U is
@@ -59,6 +61,8 @@ def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None
                      damp: float = 1e-6) -> LowRankFactors:
     w = weight.detach().to(torch.float64)
     gram = stats.gram if stats is not None else None
+    if method == "whitened" and w.shape[0] < w.shape[1]:
+        return _whitened_from_outputs(w, gram.to(torch.float64))
     if method == "svd":
         transform, inverse = None, None
     elif method == "whitened":
@@ -79,6 +83,18 @@ def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None
         component_error = sigma**2 * ((b @ gram) * b).sum(1)
         total = float(((w @ gram) * w).sum())
     return LowRankFactors(a, b, component_error, total)
+
+
+def _whitened_from_outputs(w: torch.Tensor, gram: torch.Tensor) -> LowRankFactors:
+    """Whitened factorization through the smaller, output side: W·XᵀX·Wᵀ = U Λ Uᵀ (out × out) gives the left
+    singular vectors and values of W·S for any S with S Sᵀ = XᵀX, so truncating to A = U_r, B = U_rᵀ W is the
+    SVD-LLM truncation, with the exact output error Σ_{i≥r} λᵢ, and neither S nor its inverse is formed. For a
+    layer wider in than out (an MLP's down projection) that is an eigendecomposition of out × out instead of
+    in × in, and A has orthonormal columns (no small factor to overflow in half precision)."""
+    projected = w @ gram @ w.T
+    evals, evecs = torch.linalg.eigh((projected + projected.T) / 2)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    return LowRankFactors(evecs, evecs.T @ w, evals, float(evals.sum()))
 
 
 def spatial_factors(weight: torch.Tensor) -> tuple[LowRankFactors, tuple[int, ...]]:

@@ -108,9 +108,9 @@ def run_demo(out: Path, budgets: tuple[float, ...] = (0.7, 0.5), heal: int = 100
             result = compress(subject.model, subject.example, pipeline=subject.pipeline, profile="h100",
                               calibration=subject.calibration, budget={"memory": 0.3},
                               workload={"batch": 1, "phase": "decode"}, heal=heal)
-            plan = result.report.plans[0]
             rows.append(Row(subject.name, "h100 decode", "memory=0.3", f"{subject.quality(result):.3f}",
-                            result.report.params_after, plan.bytes, _predicted(result.report), None, result.report,
+                            result.report.params_after, result.report.weight_bytes_after, _predicted(result.report),
+                            None, result.report,
                             _error(result.report)))
         for row in rows:
             if row.model == subject.name and row.report is not None:

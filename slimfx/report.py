@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .passes.manager import Report
 from .plan.planner import ROW_HEADS

@@ -133,21 +133,25 @@ def test_golden_print():
 
 
 def test_cli_demo_and_errors(capsys, tmp_path):
-    assert main(["demo", "--out", str(tmp_path)]) == 0  # the README's main job, as it runs by default
+    # the README's main job, at one latency budget instead of two (the suite's time)
+    assert main(["demo", "--out", str(tmp_path), "--budgets", "0.6"]) == 0
     out = capsys.readouterr().out
     assert "under torch.compile, interleaved" in out and "measured here" in out
     rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines()
             if line.startswith(("byte-lm ", "digits-cnn "))}
     dense_bpb, dense_acc = float(rows[("byte-lm", "dense", "-")][3]), float(rows[("digits-cnn", "dense", "-")][3])
     target = next(key[1] for key in rows if key[0] == "digits-cnn" and key[1] != "dense")
-    for budget in ("0.7", "0.5"):  # planned rows: quality measured on held-out data, latency within the budget
+    for budget in ("0.6",):  # planned rows: quality measured on held-out data, latency within the budget
         lm, cnn = rows[("byte-lm", target, f"latency={budget}")], rows[("digits-cnn", target, f"latency={budget}")]
-        assert float(lm[3]) < dense_bpb + (0.3 if budget == "0.7" else 1.0)
+        assert float(lm[3]) < dense_bpb + 0.5
         assert float(cnn[3]) > dense_acc - 1.5
         assert float(lm[6].rstrip("x")) <= float(budget) + 1e-6
-    assert float(rows[("byte-lm", "h100", "decode")][4]) < dense_bpb + 0.05  # int8/int4 lose little
+    h100 = rows[("byte-lm", "h100", "decode")]
+    assert float(h100[4]) < dense_bpb + 0.05  # int8/int4 lose little
+    dense_bytes = int(rows[("byte-lm", "dense", "-")][5].replace(",", ""))
+    assert int(h100[6].replace(",", "")) <= 0.3 * dense_bytes  # lowered on the kernels the plan priced
     assert "triton-quant" in out and "healing: output error" in out
-    assert (tmp_path / "summary.md").exists() and len(list(tmp_path.glob("*/report.md"))) == 5
+    assert (tmp_path / "summary.md").exists() and len(list(tmp_path.glob("*/report.md"))) == 3
     assert main(["compress", "digits-mlp", "--pipeline", "nope"]) == 2
     assert "unknown pass 'nope'" in capsys.readouterr().err
     assert main(["demo", "--budgets", "1.5"]) == 2

@@ -39,6 +39,14 @@ def test_budgets_parse_from_dicts_and_text_and_bad_ones_say_what_to_change():
     assert Workload.parse("batch=1,phase=decode") == Workload(batch=1, phase="decode")
     with pytest.raises(PipelineError, match="decode"):
         Workload(seq=64, phase="decode")
+    for bad, words in (("batch=abc", "positive integer"), ("batch", "key=value"), ({"batch": 0}, "positive"),
+                       ({"phase": "train"}, "prefill"), ({"beam": 4}, "unknown workload key")):
+        with pytest.raises(PipelineError, match=re_escape(words)):
+            Workload.parse(bad)
+    assert Budget.parse({"memory": "1.5e-5"}).memory == 1.5e-5
+    for bad in ("1.2.3GB", float("nan")):
+        with pytest.raises(PipelineError):
+            Budget.parse({"memory": bad})
 
 
 def re_escape(text: str) -> str:
@@ -197,6 +205,18 @@ def test_bad_planner_input_fails_before_any_work(digits_transformer):
     with pytest.raises(PipelineError, match="fixed size"):
         slimfx.compress(model, x, budget={"latency": 0.9}, workload={"seq": 8}, calibration=calibration(data),
                         dynamic=False)
+
+
+def test_a_plan_pass_given_by_the_user_is_not_changed_by_budget(digits_transformer):
+    from slimfx.passes.plan import PlanPass
+
+    model, data = digits_transformer
+    mine = PlanPass(search=0)
+    for _ in range(2):  # the same pass object twice: each call plans for its own budget
+        result = slimfx.compress(model, (data.test_x[:256],), pipeline=[mine], budget={"latency": 0.8},
+                                 calibration=calibration(data, 4), profile="cpu-generic")
+        assert result.report.plans[0].latency_ratio <= 0.8
+    assert mine.latency is None
 
 
 def test_a_weight_read_by_two_layers_is_one_plan_entry_decided_once():

@@ -34,6 +34,7 @@ class PassContext:
     plans: list = field(default_factory=list)  # the planner's Plans (slimfx.plan.Plan), one per planned graph
     reference: Any = None  # (calibration batches, the original's outputs on them), for passes that need them
     heal_errors: tuple[float, float] | None = None  # output error before and after healing
+    planned_kernels: dict[str, str] = field(default_factory=dict)  # weight origin -> the kernel its plan priced
 
     def note(self, message: str) -> None:
         self.notes.append(message)

@@ -50,14 +50,16 @@ class Heal(Pass):
 
         require_batches(ctx, "heal")
         batches, reference = ctx.reference
-        balance_factors(program)
         targets = healable(program)
+        if self.steps == 0 or not targets:
+            return Counter({"unchanged": len(targets)})
+        kept = {t: fetch_attr(program.gm, t) for t in targets}
+        balance_factors(program)
         overrides = {n: _reference(n) for n in program.graph.nodes
                      if n.op == "call_function" and n.target in REFERENCE}
         held = len(batches) // 4  # scored on batches it did not train on: a few batches are easy to overfit
         train, check = (batches[:-held], batches[-held:]) if held else (batches, batches)
         train_ref, check_ref = (reference[:-held], reference[-held:]) if held else (reference, reference)
-        kept = {t: fetch_attr(program.gm, t) for t in targets}
         before = output_error(program, check, check_ref, overrides)
         distill(program, train, train_ref, self.steps, self.lr, self.name, targets, overrides, relative_lr=True)
         after = output_error(program, check, check_ref, overrides)

@@ -25,7 +25,7 @@ from .calibration import LayerStats
 
 @dataclass
 class LowRankFactors:
-    a: torch.Tensor  # [out, k] = U Σ
+    a: torch.Tensor  # [out, k] = U Σ (the output-side whitened route: U, with B = Uᵀ W)
     b: torch.Tensor  # [k, in]  = Vᵀ T⁻¹
     component_error: torch.Tensor  # [k] output error energy of each component
     total_energy: float  # ||X Wᵀ||² (or ||W||² without data)

@@ -9,6 +9,7 @@ the plan is for this machine's built-in one. ``compress(..., budget=...)`` adds 
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -99,8 +100,8 @@ class PlanPass(Pass):
             batches = calibration_inputs(program, ctx.calibration, self.score_batches)
             scorer = Scorer(program, layers, batches)
         elif self.search or self.max_error is not None:
-            ctx.note("plan: calibration given as statistics, so the end-to-end error is not measured; "
-                     "search and max_error use the predicted (summed) error")
+            ctx.note("plan: calibration given as statistics, so the end-to-end error is not measured: no search, "
+                     "and max_error is checked against the predicted (summed) error")
         planner = Planner(program, layers, budget, workload, profile, hints, self.tune, self.allow_slower)
         try:
             plan = planner.plan(scorer, self.search)
@@ -111,6 +112,9 @@ class PlanPass(Pass):
                             "slimfx.compress, or collect the statistics after the exact passes",)
             raise
         ctx.plans.append(plan)
+        # lower runs each planned layer on the kernel its plan was priced for (at the workload's sizes, keeping the
+        # storage a memory budget counted on), where that kernel applies
+        ctx.planned_kernels.update({k: o.kernel for k, o in plan.layers.items() if o.decision.technique != "dense"})
         counts: Counter = Counter()
         expected = Counter(o.decision.technique for o in plan.layers.values() if o.decision.technique != "dense")
         for pass_ in plan_passes(plan, self.nm_method, grid.correction):
@@ -161,14 +165,12 @@ def with_budget(pipeline, budget=None, workload=None, tune: str = "model", heal:
                             "drop budget= and keep the pipeline as it is")
     options = {"latency": parsed.latency, "max_error": parsed.max_error, "batch": load.batch, "seq": load.seq,
                "phase": load.phase, "tune": tune,
-               "memory": None if parsed.memory is None else repr(parsed.memory)}
-    planned = [p for p in passes if p.name == "plan"]
+               "memory": None if parsed.memory is None else f"{parsed.memory:.17g}"}
+    planned = [i for i, p in enumerate(passes) if p.name == "plan"]
     if planned:
-        if planned[0].has_budget:
+        if passes[planned[0]].has_budget:
             raise PipelineError("the budget is given twice: in budget= and in the pipeline's plan{...}; keep one")
-        for key, value in options.items():
-            setattr(planned[0], key, value)
-        planned[0].validate()
+        passes[planned[0]] = dataclasses.replace(passes[planned[0]], **options)  # the caller's pass stays as it was
     else:
         passes.append(PlanPass(**options))
     if heal:

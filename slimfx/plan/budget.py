@@ -31,7 +31,7 @@ class Budget:
         if self.latency is not None and not 0 < self.latency <= 1:
             raise PipelineError(f"budget latency={self.latency} must be in (0, 1]: a fraction of the dense latency, "
                                 "e.g. 0.5 for 2x faster")
-        if self.memory is not None and self.memory <= 0:
+        if self.memory is not None and not self.memory > 0:
             raise PipelineError(f"budget memory={self.memory} must be > 0 (bytes, e.g. '2GB', or a fraction <= 1)")
         if self.max_error is not None and not 0 < self.max_error < 1:
             raise PipelineError(f"budget max_error={self.max_error} must be in (0, 1): a relative output error, "
@@ -87,7 +87,7 @@ def _number(value: Any, key: str) -> float | None:
 def _bytes(value: Any) -> float | None:
     if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
         return None if value is None else float(value)
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _UNITS:
         raise PipelineError(f"budget memory={value!r} is not a size; write bytes with a unit (500MB, 2GB, 1.5GiB) "
                             "or a fraction of the dense weights (0.3)")
@@ -121,14 +121,24 @@ class Workload:
         if isinstance(spec, Workload):
             return spec
         if isinstance(spec, str):
-            spec = dict(p.split("=", 1) for p in filter(None, (s.strip() for s in spec.split(","))) if "=" in p)
+            parts = [p for p in (s.strip() for s in spec.split(",")) if p]
+            bad = [p for p in parts if "=" not in p]
+            if bad:
+                raise PipelineError(f"cannot read workload item {bad[0]!r}: write key=value, e.g. batch=1,phase=decode")
+            spec = dict(p.split("=", 1) for p in parts)
         if not isinstance(spec, dict):
             raise PipelineError(f"workload must be a dict like {{'batch': 1, 'seq': 512, 'phase': 'decode'}}, "
                                 f"got {type(spec).__name__}")
         unknown = sorted(set(spec) - {"batch", "seq", "phase"})
         if unknown:
             raise PipelineError(f"unknown workload key(s) {unknown}; keys are batch, seq, phase")
-        ints = {k: int(spec[k]) for k in ("batch", "seq") if spec.get(k) is not None}
+        ints = {}
+        for key in ("batch", "seq"):
+            if spec.get(key) is not None:
+                try:
+                    ints[key] = int(str(spec[key]).strip()) if not isinstance(spec[key], int) else spec[key]
+                except ValueError:
+                    raise PipelineError(f"workload {key}={spec[key]!r} must be a positive integer") from None
         return cls(**ints, phase=str(spec.get("phase", "prefill")))
 
     @property

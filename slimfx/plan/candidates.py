@@ -8,6 +8,7 @@ shapes) and handed to ``Lower.rank``, which prices it on the profile or times it
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -120,7 +121,9 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
     out_f, in_f = matrix.shape
     is_conv = node.target == CONV2D
     itemsize = weight.element_size()
-    dense_s = [pricing.dense(program, u) for u in uses]
+    # conv options are priced by the model (no trial kernel is timed for them), so their dense baseline is too
+    dense_pricing = dataclasses.replace(pricing, tune="model") if is_conv else pricing
+    dense_s = [dense_pricing.dense(program, u) for u in uses]
     options = [Option(Dense(), 0.0, sum(s for s, _ in dense_s), weight.numel() * itemsize, "dense",
                       any(m for _, m in dense_s))]
     approximations: dict[Decision, Callable[[], torch.Tensor]] = {}
@@ -141,11 +144,11 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                 seconds = sum(Factorize._latencies(u, rank, False, pricing.profile, pricing.hints)[1] for u in uses)
                 kernel, stored = "two convs", rank * (out_f + in_f) * itemsize
             else:
-                seconds, kernel, dense_form = _price_lowrank(program, uses, weight, rank, pricing)
+                seconds, kernel, dense_form = _price_lowrank(uses, weight, rank, pricing)
                 stored = weight.numel() * itemsize if dense_form else rank * (out_f + in_f) * itemsize
             options.append(Option(LowRank(rank), factors.rel_error(rank), seconds, stored, kernel,
                                   pricing.tune == "measure" and not is_conv))
-            approximations[LowRank(rank)] = (lambda r=rank: _product(factors, r, weight))
+            approximations[LowRank(rank)] = (lambda r=rank: _product(factors, r))
 
     if "nm" in grid.techniques and not is_conv:
         for n, m in grid.patterns:
@@ -156,7 +159,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
             else:
                 pruned = weight * wanda_mask(weight, layer_stats, n, m)
             error = output_error((pruned - weight).double(), weight.double(), layer_stats)
-            seconds, kernel, dense_form, stored = _price_nm(program, uses, weight, n, m, pricing)
+            seconds, kernel, dense_form, stored = _price_nm(uses, weight, n, m, pricing)
             options.append(Option(Sparse(n, m), error, seconds, weight.numel() * itemsize if dense_form else stored,
                                   kernel, pricing.tune == "measure"))
             approximations[Sparse(n, m)] = (lambda p=pruned: p)
@@ -164,7 +167,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
     if "quant" in grid.techniques and not is_conv:
         one = ActivationStats({(origin, in_f): layer_stats})
         for cand in quant_candidates(program, node, one, None, grid.bits, grid.groups, grid.ranks, grid.correction):
-            seconds, kernel, dense_form = _price_quant(program, uses, weight, cand.bits, cand.group, cand.rank,
+            seconds, kernel, dense_form = _price_quant(uses, weight, cand.bits, cand.group, cand.rank,
                                                        pricing)
             decision = Quant(cand.bits, cand.group, cand.rank)
             options.append(Option(decision, cand.rel_error, seconds,
@@ -185,7 +188,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
     return LayerOptions(origin, "conv" if is_conv else "linear", shape, uses, options, approximate)
 
 
-def _product(factors, rank: int, weight: torch.Tensor) -> torch.Tensor:
+def _product(factors, rank: int) -> torch.Tensor:
     a, b = factors.truncate(rank, torch.float64)
     return a @ b
 
@@ -236,7 +239,7 @@ def _sum_over_uses(uses: list, price: Callable[[fx.Node], tuple[float, str, bool
     return sum(r[0] for r in results), results[0][1], any(r[2] for r in results)
 
 
-def _price_lowrank(program: Program, uses: list, weight: torch.Tensor, rank: int, pricing: Pricing):
+def _price_lowrank(uses: list, weight: torch.Tensor, rank: int, pricing: Pricing):
     out_f, in_f = weight.shape
     zeros = dict(dtype=weight.dtype, device=weight.device)
 
@@ -248,7 +251,7 @@ def _price_lowrank(program: Program, uses: list, weight: torch.Tensor, rank: int
     return _sum_over_uses(uses, price)
 
 
-def _price_nm(program: Program, uses: list, weight: torch.Tensor, n: int, m: int, pricing: Pricing):
+def _price_nm(uses: list, weight: torch.Tensor, n: int, m: int, pricing: Pricing):
     out_f, in_f = weight.shape
     mask = (torch.arange(in_f, device=weight.device) % m < n).expand(out_f, in_f)
     values, indices = compress(torch.zeros_like(weight), mask, n, m)
@@ -261,7 +264,7 @@ def _price_nm(program: Program, uses: list, weight: torch.Tensor, n: int, m: int
     return (*_sum_over_uses(uses, price), stored)
 
 
-def _price_quant(program: Program, uses: list, weight: torch.Tensor, bits: int, group: int, rank: int,
+def _price_quant(uses: list, weight: torch.Tensor, bits: int, group: int, rank: int,
                  pricing: Pricing):
     out_f, in_f = weight.shape
     like = dict(dtype=weight.dtype, device=weight.device)

@@ -101,6 +101,7 @@ def workload_hints(program: Program, workload: Workload) -> dict:
     if first is None:
         raise PipelineError("workload= needs a tensor input whose first dimensions are the batch and sequence")
     dims = first.meta["val"].shape
+    chosen: dict = {}
     for dim, value in wanted.items():
         if value is None:
             continue
@@ -110,6 +111,11 @@ def workload_hints(program: Program, workload: Workload) -> dict:
         if not isinstance(size, torch.SymInt) or not hasattr(size.node.expr, "name"):
             raise PipelineError(f"workload sets dimension {dim} of the first input, which was captured with the fixed "
                                 f"size {int(size)}: pass example inputs of the workload's sizes instead")
+        if size.node.expr in chosen and chosen[size.node.expr] != value:
+            raise PipelineError(f"workload batch={workload.batch} and seq={workload.rows_seq} fall on one symbolic "
+                                f"size of the first input {tuple(dims)}: capture with example inputs whose batch "
+                                "and sequence length differ (e.g. 2 and 16)")
+        chosen[size.node.expr] = value
         hints[size.node.expr] = value
     return hints
 
@@ -161,6 +167,8 @@ class Planner:
                  profile: Any, hints: dict, tune: str, allow_slower: bool = False):
         self.program, self.budget, self.workload, self.profile, self.tune = program, budget, workload, profile, tune
         self.notes: list[str] = []
+        for layer in layers:  # an option no kernel runs (infinite latency) is no option
+            layer.options = [layer.options[0]] + [o for o in layer.options[1:] if math.isfinite(o.latency_s)]
         if not allow_slower:  # never plan a rewrite the target runs slower than the dense layer
             dropped = 0
             for layer in layers:
@@ -191,7 +199,10 @@ class Planner:
             probe = min(lossy)[1]
             choice = [0] * len(self.layers)
             choice[index] = probe
-            self.sensitivity[index] = scorer(choice) ** 2 / layer.options[probe].error ** 2
+            weight = scorer(choice) ** 2 / layer.options[probe].error ** 2
+            # a layer whose change does not reach the outputs at all still counts a little, so that a max_error
+            # budget can tell its options apart; a non-finite measurement falls back to the layer's own error
+            self.sensitivity[index] = max(weight, 1e-3) if math.isfinite(weight) else 1.0
 
     # -- the knapsack ---------------------------------------------------------------------------------------------
     def problem(self, error_cap: float | None = None) -> Problem:
@@ -211,10 +222,14 @@ class Planner:
         return zip(self.layers, self.sensitivity)
 
     def solve(self, problem: Problem) -> list[int]:
-        if problem.capacity < 0 or (least := knapsack.least_cost(problem.groups)) > problem.capacity * (1 + 1e-9):
+        least = knapsack.least_cost(problem.groups)
+        if problem.capacity < 0 or least > problem.capacity * (1 + 1e-9):
             raise self._infeasible(problem)
-        solution = knapsack.solve(problem.groups, problem.capacity)
-        if solution is None:  # only rounding stands between the capacity and the least cost: take the cheapest
+        # discretise only what the budget leaves above every layer's cheapest option (rounding then costs less)
+        floors = [min(c for c, _ in g) for g in problem.groups]
+        shifted = [[(c - f, v) for c, v in g] for g, f in zip(problem.groups, floors)]
+        solution = knapsack.solve(shifted, problem.capacity - least) if problem.capacity > least else None
+        if solution is None:  # the budget is (within rounding) the least cost: the cheapest option everywhere
             return [min(range(len(g)), key=lambda i: (g[i][0], g[i][1])) for g in problem.groups]
         return solution.choice
 

@@ -253,3 +253,26 @@ def test_the_output_side_route_gives_the_whitened_truncation_exactly():
         assert torch.allclose(a @ b, expected, atol=1e-8 * expected.abs().max())
         measured = ((x @ (w - a @ b).T).norm() / (x @ w.T).norm()).item()
         assert wide.rel_error(rank) == pytest.approx(measured, rel=1e-6)
+
+
+def test_layers_reading_one_input_share_one_statistics_object():
+    """q, k and v (and gate and up) read the same input: one Gram matrix for all of them, equal to each one's own."""
+    from slimfx.ir import capture
+    from slimfx.passes.calibration import collect_stats
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x) + self.v(x))
+
+    torch.manual_seed(0)
+    model = QKV().eval()
+    batches = [(torch.randn(16, 32),) for _ in range(3)]
+    stats = collect_stats(capture(model, batches[0]), batches)
+    q, k, v, o = (stats.get(f"{name}.weight", 32) for name in "qkvo")
+    assert q is k is v and o is not q
+    x = torch.cat([b[0] for b in batches]).double()
+    assert torch.allclose(q.gram, x.T @ x) and q.rows == 48

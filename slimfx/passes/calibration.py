@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..errors import CalibrationError
-from ..ir.op_table import weighted_op
+from ..ir.op_table import WEIGHTED_OPS, weighted_op
 from ..ir.program import Program, is_input_guard
 
 
@@ -55,10 +55,19 @@ class ActivationStats:
         return ActivationStats({k: v for k, v in self.layers.items() if k[0] not in origins}, self.batches)
 
 
+_SHARED_ROWS = WEIGHTED_OPS[torch.ops.aten.linear.default].rows  # a linear's rows are its input, reshaped
+
+
 class _Collector(fx.Interpreter):
     def __init__(self, program: Program, stats: ActivationStats):
         super().__init__(program.gm)
         self.program, self.stats = program, stats
+        self.shared: dict[tuple, LayerStats] = {}  # (input node, rows, width) -> the statistics its layers share
+        self.added: set[int] = set()  # statistics already fed this batch
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self.added = set()
+        return super().run(*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         if is_input_guard(n):
@@ -71,11 +80,21 @@ class _Collector(fx.Interpreter):
                 rows = op.rows(n, x)
                 if rows is not None:
                     key = (origin, rows.shape[1])
+                    # layers reading one input the same way (q/k/v, gate/up) share one statistics object
+                    same_input = (n.args[0], op.rows, rows.shape[1]) if op.rows is _SHARED_ROWS else None
                     if key not in self.stats.layers:
-                        width = rows.shape[1]
-                        zeros = torch.zeros(width, dtype=torch.float64, device=rows.device)  # with the activations
-                        self.stats.layers[key] = LayerStats(zeros.new_zeros(width, width), zeros)
-                    self.stats.layers[key].add(rows)
+                        shared = self.shared.get(same_input) if same_input is not None else None
+                        if shared is None:
+                            width = rows.shape[1]
+                            zeros = torch.zeros(width, dtype=torch.float64, device=rows.device)  # with the activations
+                            shared = LayerStats(zeros.new_zeros(width, width), zeros)
+                            if same_input is not None:
+                                self.shared[same_input] = shared
+                        self.stats.layers[key] = shared
+                    stats = self.stats.layers[key]
+                    if id(stats) not in self.added:  # once per batch, however many layers share it
+                        stats.add(rows)
+                        self.added.add(id(stats))
         return super().run_node(n)
 
 

@@ -67,15 +67,15 @@ def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None
         transform, inverse = None, None
     elif method == "whitened":
         transform, inverse = _whitening(gram, damp)
-    elif method == "asvd":
-        scale = stats.mean_abs.clamp_min(1e-8) ** alpha
-        transform, inverse = torch.diag(scale), torch.diag(1.0 / scale)
+    elif method == "asvd":  # T = diag(s): a column scale, never a dense diagonal matrix
+        scale = (stats.mean_abs.clamp_min(1e-8) ** alpha).to(torch.float64)
+        transform, inverse = scale, 1.0 / scale
     else:
         raise ValueError(f"unknown factorization method {method!r}")
-    target = w if transform is None else w @ transform
+    target = w if transform is None else (w * transform if transform.dim() == 1 else w @ transform)
     u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
     a = u * sigma
-    b = vh if inverse is None else vh @ inverse
+    b = vh if inverse is None else (vh * inverse if inverse.dim() == 1 else vh @ inverse)
     if gram is None:
         component_error = sigma**2 * (b * b).sum(1)
         total = float((w * w).sum())

@@ -204,8 +204,8 @@ def _planned_demo(args: argparse.Namespace) -> int:
     profile = resolve_profile(args.profile) or local_profile()
     if any(not 0 < b <= 1 for b in budgets):
         raise SlimfxError(f"--budgets {args.budgets!r}: each is a fraction of the dense latency in (0, 1]")
-    print("slimfx demo: a byte-level LM trained on this machine's Python standard library source, and a CNN "
-          "trained on the UCI handwritten digits (shipped with slimfx); both trained once, then cached.")
+    print("slimfx demo: a byte-level LM trained on CPython's standard library source (shipped with slimfx), and a "
+          "CNN trained on the UCI handwritten digits (shipped too; trained once here, then cached).")
     print(f"Planned for {profile.name} at latency budgets {', '.join(map(str, budgets))} (then healed "
           f"{args.heal} steps and lowered), and for an H100 decoding at a memory budget; timed here under "
           f"torch.compile, interleaved, {torch.get_num_threads()} CPU threads.\n")

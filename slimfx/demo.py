@@ -1,7 +1,7 @@
 """``slimfx demo``: the main job. Two models trained here on real data, planned at budgets, measured.
 
-- a byte-level transformer LM trained on this machine's Python standard library source (bits per byte on held-out
-  text), and
+- a byte-level transformer LM trained on CPython's standard library source (shipped; bits per byte on held-out
+  text of this machine's standard library), and
 - a CNN trained on the UCI handwritten digits shipped with slimfx (held-out accuracy).
 
 Each is planned for this machine (its calibrated profile if one is cached, else the built-in one for its kind),

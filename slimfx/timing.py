@@ -50,11 +50,10 @@ def random_like(node, hints: dict | None = None) -> "torch.Tensor":
     timing a piece of a graph."""
     import torch
 
-    from .hw_profiles.op_costs import concrete, size_hints
+    from .hw_profiles.op_costs import concrete_shape, size_hints
 
     value = node.meta["val"]
-    hints = size_hints(node.graph) if hints is None else hints
-    dims = [int(concrete(d.node.expr, hints)) if isinstance(d, torch.SymInt) else int(d) for d in value.shape]
+    dims = concrete_shape(value, size_hints(node.graph) if hints is None else hints)
     if value.is_floating_point():
         return torch.randn(dims, dtype=value.dtype, device=value.device)
     return torch.zeros(dims, dtype=value.dtype, device=value.device)

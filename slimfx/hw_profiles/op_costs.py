@@ -145,6 +145,11 @@ def concrete(expr: Any, hints: dict | None = None) -> float:
     return float(expr)
 
 
+def concrete_shape(value: torch.Tensor, hints: dict) -> list[int]:
+    """A tensor's sizes with its symbolic ones evaluated at ``hints`` (symbol -> size)."""
+    return [int(concrete(d.node.expr, hints)) if isinstance(d, torch.SymInt) else int(d) for d in value.shape]
+
+
 def program_flops(graph: fx.Graph) -> float:
     """FLOPs of the GEMM-like ops (linear, conv and their compressed forms) at the example sizes."""
     total = sympy.Integer(0)

@@ -24,6 +24,7 @@ from ..progress import progress
 from .base import Pass, PassContext, claim_uses, first_use_of_each_weight, register, replace_each
 from .calibration import LayerStats, require_stats
 from .nm_masks import magnitude_mask, sparsegpt, wanda_mask
+from .quant_lowrank import output_error
 from .nm_permute import kept_saliency, producer_of, search_permutation
 
 
@@ -151,14 +152,11 @@ class NMSparsity(Pass):
             pruned, mask = sparsegpt(weight, layer_stats, n, m, self.block, self.damp)
         layout, why = self._choose_layout()
         note = {"nm": f"{n}:{m}", "layout": layout}
-        if layer_stats is None:  # no data: the weights' own relative error stands in for the output's
-            ctx.layer_errors[origin] = float((pruned - weight).norm() / weight.norm().clamp_min(1e-30))
-        else:
-            diff = (pruned - weight).to(torch.float64)
-            total = float(((weight.double() @ layer_stats.gram) * weight.double()).sum())
-            error = (float(((diff @ layer_stats.gram) * diff).sum()) / max(total, 1e-30)) ** 0.5
+        # without data the weights' own relative error stands in for the output's
+        error = output_error((pruned - weight).double(), weight.double(), layer_stats)
+        if layer_stats is not None:
             note["pred_err"] = round(error, 4)
-            ctx.layer_errors[origin] = error
+        ctx.layer_errors[origin] = error
         mask_kept = (Constraint("nm-mask", self.name, f"{n}:{m}"),)
         with program.graph.inserting_before(node):  # new weights are made once, before the first use
             if layout == "compressed":

@@ -19,7 +19,7 @@ import torch.fx as fx
 from ..codegen.epilogue import Epilogue
 from ..codegen.registry import Region
 from ..hw_profiles.cost_model import latency
-from ..hw_profiles.op_costs import concrete, node_kernels
+from ..hw_profiles.op_costs import concrete, concrete_shape, node_kernels
 from ..ir.op_table import DENSE_LAYERS
 from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
 from ..ir.program import CONV2D, Program, WeightInfo
@@ -73,8 +73,7 @@ class Pricing:
     def concrete_like(self, value: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like ``value`` at the workload's sizes: on the meta device when only priced, real
         (uninitialised) where it will be timed. Concrete sizes let the cost rules tell a GEMV from a GEMM."""
-        dims = [int(concrete(d.node.expr, self.hints)) if isinstance(d, torch.SymInt) else int(d) for d in value.shape]
-        return torch.empty(dims, dtype=value.dtype, device=value.device if self.tune == "measure" else "meta")
+        return torch.empty(concrete_shape(value, self.hints), dtype=value.dtype, device=value.device if self.tune == "measure" else "meta")
 
     def lowered(self, trial: Program, node: fx.Node) -> tuple[float, str, bool]:
         """(seconds, kernel, runs dense) of a compressed node on a trial graph, as ``lower`` would run it."""

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import slimfx
 from slimfx.errors import BudgetError, CalibrationError, PipelineError
 from slimfx.models import evaluate
-from slimfx.plan import Budget, Dense, LowRank, Quant, Sparse, Workload
+from slimfx.plan import Budget, Dense, LowRank, Merge, Quant, Sparse, Workload
 from slimfx.plan import knapsack
 
 
@@ -140,6 +140,39 @@ def test_the_plan_beats_the_best_single_technique_pipeline_at_the_same_predicted
         assert bits_per_byte(planned, test) - dense < 0.85 * (bits_per_byte(uniform, test) - dense)
         # the sensitivity-weighted proxy predicts the measured end-to-end error
         assert plan.predicted_error == pytest.approx(plan.measured_error, rel=0.3)
+
+
+def test_depth_merge_spans_are_options_of_the_joint_plan(digits_cnn):
+    """A chain's merge competes with its layers' own options: at a latency factorization alone cannot reach, the
+    plan merges conv1 into conv2 (the ReLU between them removed) and factorizes fc1; the passes execute exactly
+    that, the plan's measured error is the rewritten model's, and healing trains the merged conv back."""
+    from slimfx.ir.program import CONV2D
+
+    model, data = digits_cnn
+    x, cal = (data.test_x[:256],), calibration(data)
+    with pytest.raises(BudgetError, match="lowest achievable is 0.2"):
+        slimfx.compress(model, x, pipeline="fold-bn,plan{techniques=lowrank}", budget={"latency": 0.2},
+                        calibration=cal, profile="cpu-generic")
+    results = {heal: slimfx.compress(model, x, pipeline="fold-bn", budget={"latency": 0.2}, calibration=cal,
+                                     profile="cpu-generic", heal=heal) for heal in (0, 100)}
+    plan = results[0].report.plans[0]
+    assert plan.latency_ratio <= 0.2 + 1e-9
+    merge = Merge(("conv1.weight", "conv2.weight"))
+    assert {k: o.decision for k, o in plan.layers.items() if o.decision.technique != "dense"} == {
+        "conv1.weight": merge, "conv2.weight": merge, "fc1.weight": plan.layers["fc1.weight"].decision}
+    assert isinstance(plan.layers["fc1.weight"].decision, LowRank)
+    counts = results[0].report.rewrites("plan")
+    assert counts["depth"] == 1 and counts["layers-removed"] == 1 and counts["lowrank"] == 1
+    assert sum(n.target == CONV2D for n in results[0].program.graph.nodes) == 1
+    num = den = 0.0
+    with torch.no_grad():  # the score batches: the plan's end-to-end error had the merge and the factors in place
+        for (batch,) in cal[:4]:
+            y0, y = model(batch).double(), results[0](batch).double()
+            num, den = num + (y - y0).pow(2).sum().item(), den + y0.pow(2).sum().item()
+    assert plan.measured_error == pytest.approx(math.sqrt(num / den), rel=1e-3)
+    before, after = results[100].report.heal_errors
+    assert after < 0.3 * before
+    assert evaluate(results[100], data.test_x, data.test_y)[0] > evaluate(model, data.test_x, data.test_y)[0] - 0.03
 
 
 def test_a_pass_does_not_override_a_planned_choice(digits_transformer):

@@ -79,14 +79,14 @@ class _Layout:
 class _Timer:
     """Latency of a run, an activation, or a program: from the profile, or timed here (eager, median)."""
 
-    def __init__(self, program: Program, profile: Profile | None, tables: Tables):
+    def __init__(self, program: Program, profile: Profile | None, tables: Tables, hints: dict | None = None):
         self.program, self.profile, self.tables = program, profile, tables
-        self.hints = size_hints(program.graph)
+        self.hints = size_hints(program.graph) if hints is None else hints
 
     def run(self, run: list[fx.Node]) -> float:
         if self.tables == "profile":
             return concrete(kernels_latency(merged_kernels(run), self.profile), self.hints)
-        x = random_like(run[0].args[0])
+        x = random_like(run[0].args[0], self.hints)
         if len(run) == 1:
             weight, bias, args = self.program.tensor(run[0].args[1]), None, run[0].args[3:]
         else:
@@ -103,7 +103,7 @@ class _Timer:
             return 0.0
         if self.tables == "profile":
             return concrete(kernels_latency(node_kernels(node), self.profile), self.hints)
-        x = random_like(node.args[0])
+        x = random_like(node.args[0], self.hints)
         with torch.no_grad():
             return measure(lambda: node.target(x, *node.args[1:], **node.kwargs), x.device.type, 0.01, 3)
 
@@ -133,7 +133,10 @@ def _overrides(layout: _Layout, i: int, runs: tuple) -> dict:
 class DepthShrink:
     """Plans and applies activation removal for one program (used by the ``depth-merge`` pass)."""
 
-    def __init__(self, program: Program, ctx, tables: Tables = "profile"):
+    def __init__(self, program: Program, ctx, tables: Tables = "profile", profile: Profile | None = None,
+                 hints: dict | None = None, batches: list | None = None):
+        """``profile`` (default: the context's, else this machine's), ``hints`` (the sizes latencies are priced
+        at; default: the example's) and ``batches`` (default: every calibration batch) are the planner's to set."""
         if ctx.calibration is None or isinstance(ctx.calibration, ActivationStats):
             raise CalibrationError("depth-merge{latency=...} removes activations and measures the error of each "
                                    "removal on calibration batches: pass calibration= to slimfx.compress (an "
@@ -142,9 +145,9 @@ class DepthShrink:
             raise CalibrationError("depth-merge{latency=...} runs the model on calibration batches, which needs a "
                                    "captured model (slimfx.compress); under torch.compile use exact merges only")
         self.program, self.ctx = program, ctx
-        self.profile = (ctx.profile or local_profile()) if tables == "profile" else None
-        self.timer = _Timer(program, self.profile, tables)
-        self.batches = calibration_inputs(program, ctx.calibration)
+        self.profile = (profile or ctx.profile or local_profile()) if tables == "profile" else None
+        self.timer = _Timer(program, self.profile, tables, hints)
+        self.batches = batches if batches is not None else calibration_inputs(program, ctx.calibration)
         self.reference = outputs_on(program, self.batches)
         self.layout = _Layout.of(find_chains(program))
         self._tables()
@@ -172,10 +175,14 @@ class DepthShrink:
 
     def _program_latency(self) -> float:
         if self.timer.tables == "profile":
-            return program_cost(self.program.graph, self.profile).total_s
+            return program_cost(self.program.graph, self.profile, self.timer.hints).total_s
         device = next((w.device.type for w in self.program.gm.buffers()), "cpu")
         with torch.no_grad():  # at the example's sizes, like every layer's timing
             return measure(self.program.run_example, device, 0.02, 3)
+
+    def overrides(self, start: int, runs: tuple) -> dict:
+        """What removing block (start, runs[-1][1]) changes, to score it without rewriting."""
+        return _overrides(self.layout, start, runs)
 
     @property
     def target(self) -> str:
@@ -225,6 +232,7 @@ class DepthShrink:
         if changed:
             program.gm.recompile()
             refresh_metadata(program)
+        if changed and steps:
             before, after = distill(program, self.batches, self.reference, steps, lr)
             self.ctx.note(f"depth-merge: distilled {steps} steps: output error {before ** 0.5:.4f} -> "
                           f"{after ** 0.5:.4f} (relative, on calibration data)")

@@ -152,11 +152,8 @@ def _numel(node: fx.Node) -> int:
     return node.meta["val"].numel()
 
 
-def grows(run: list[fx.Node]) -> bool:
-    """Whether the merged layer would hold more weights than the run does (an expand 1×1 and a depthwise conv
-    become a dense conv): the pass must not make the model bigger."""
-    if len(run) == 1:
-        return False
+def merged_numel(run: list[fx.Node]) -> int:
+    """Elements of the weight the run merges into (a grouped first conv counts as the dense conv it becomes)."""
     first, last = run[0], run[-1]
     out_f, in_f = last.args[1].meta["val"].shape[0], first.args[1].meta["val"].shape[1] * (
         first.args[6] if first.target == CONV2D else 1)
@@ -164,7 +161,13 @@ def grows(run: list[fx.Node]) -> bool:
     if first.target == CONV2D:
         kh = sum(c.args[1].meta["val"].shape[2] - 1 for c in run) + 1
         kw = sum(c.args[1].meta["val"].shape[3] - 1 for c in run) + 1
-    return out_f * in_f * kh * kw > sum(_numel(layer.args[1]) for layer in run)
+    return out_f * in_f * kh * kw
+
+
+def grows(run: list[fx.Node]) -> bool:
+    """Whether the merged layer would hold more weights than the run does (an expand 1×1 and a depthwise conv
+    become a dense conv): the pass must not make the model bigger."""
+    return len(run) > 1 and merged_numel(run) > sum(_numel(layer.args[1]) for layer in run)
 
 
 def add_merged_layer(program: Program, run: list[fx.Node], weight: torch.Tensor, bias, build) -> fx.Node:

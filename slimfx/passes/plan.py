@@ -19,7 +19,7 @@ from ..ir.program import Program
 from .base import Pass, PassContext, register
 from .calibration import ActivationStats, calibration_inputs, require_stats
 
-TECHNIQUES = ("lowrank", "nm", "quant")
+TECHNIQUES = ("lowrank", "nm", "quant", "depth")
 
 
 @register
@@ -35,7 +35,7 @@ class PlanPass(Pass):
     seq: Optional[int] = None  # workload: its second dimension
     phase: Literal["prefill", "decode"] = "prefill"
     tune: Literal["model", "measure"] = "model"
-    techniques: str = "lowrank|nm|quant"
+    techniques: str = "lowrank|nm|quant|depth"
     search: int = 0  # generations of the end-to-end evolutionary refinement (0: the knapsack's plan)
     nm_method: Literal["wanda", "sparsegpt"] = "wanda"
     exclude: str = ""  # regex on weight names to leave dense
@@ -95,14 +95,16 @@ class PlanPass(Pass):
         if not layers:
             raise PipelineError("plan: no layer can be compressed (none is a trained, unshared linear or conv with "
                                 "calibration statistics); nothing to plan")
-        scorer = None
+        scorer, chains, batches = None, [], None
         if not isinstance(ctx.calibration, ActivationStats):
             batches = calibration_inputs(program, ctx.calibration, self.score_batches)
-            scorer = Scorer(program, layers, batches)
+            scorer = Scorer(program, batches)
         elif self.search or self.max_error is not None:
             ctx.note("plan: calibration given as statistics, so the end-to-end error is not measured: no search, "
                      "and max_error is checked against the predicted (summed) error")
-        planner = Planner(program, layers, budget, workload, profile, hints, self.tune, self.allow_slower)
+        if "depth" in grid.techniques:
+            chains = self._chains(program, ctx, layers, pricing, hints, batches)
+        planner = Planner(program, layers, budget, workload, profile, hints, self.tune, self.allow_slower, chains)
         try:
             plan = planner.plan(scorer, self.search)
         except BudgetError as exc:
@@ -114,8 +116,17 @@ class PlanPass(Pass):
         ctx.plans.append(plan)
         # lower runs each planned layer on the kernel its plan was priced for (at the workload's sizes, keeping the
         # storage a memory budget counted on), where that kernel applies
-        ctx.planned_kernels.update({k: o.kernel for k, o in plan.layers.items() if o.decision.technique != "dense"})
+        ctx.planned_kernels.update({k: o.kernel for k, o in plan.layers.items()
+                                    if o.decision.technique not in ("dense", "depth")})
         counts: Counter = Counter()
+        if planner.blocks:  # merges first: the layers they keep are then rewritten by origin as planned
+            from ..passes.depth_dp import DepthPlan
+
+            chains[0].shrink.apply(DepthPlan(planner.blocks, 0.0, 0.0), 0, 0.0, counts)
+            counts["depth"] = len(planner.blocks)
+            for origin, option in plan.layers.items():  # a block's error is end to end, on its first layer
+                if option.decision.technique == "depth":
+                    ctx.layer_errors[origin] = option.error
         expected = Counter(o.decision.technique for o in plan.layers.values() if o.decision.technique != "dense")
         for pass_ in plan_passes(plan, self.nm_method, grid.correction):
             done = pass_.run(program, ctx)
@@ -128,10 +139,48 @@ class PlanPass(Pass):
                                     "bug, please report it")
             counts[technique] += rewritten
         counts["dense"] = sum(1 for o in plan.layers.values() if o.decision.technique == "dense")
+        counts.pop("activation-removed", None)
         ctx.note(f"plan: {plan.budget} on {plan.profile}: predicted latency {plan.latency_ratio:.3f}x, weights "
                  f"{plan.memory_ratio:.3f}x of dense, predicted error {plan.predicted_error:.4f}"
                  + (f", measured {plan.measured_error:.4f}" if plan.measured_error is not None else ""))
         return counts
+
+
+    def _chains(self, program: Program, ctx: PassContext, layers: list, pricing, hints: dict,
+                batches: list | None) -> list:
+        """The chains depth merging may shorten, as units of the plan, where no layer of theirs is excluded and the
+        end-to-end error of removing activations can be measured (otherwise none, with a note why). A chain's
+        layer no other technique shrinks (a depthwise conv) joins ``layers`` with its dense option alone."""
+        import re
+
+        from ..passes.depth_shrink import DepthShrink
+        from ..passes.depth_spans import find_chains
+        from ..plan.candidates import dense_only
+        from ..plan.chains import Chain
+
+        found = find_chains(program)
+        if not found:
+            return []
+        if batches is None or program.frontend != "export":
+            ctx.note("plan: depth-merge spans left out: measuring what removing an activation costs needs a captured "
+                     "model (slimfx.compress) and calibration batches")
+            return []
+        by_origin = {l.layer: l for l in layers}
+        shrink = DepthShrink(program, ctx, "measure" if self.tune == "measure" else "profile", pricing.profile, hints,
+                             batches)
+        chains, start = [], 0
+        for chain in found:
+            origins = [program.weights[n.args[1].target].origin for n in chain.layers]
+            if not (self.exclude and any(re.search(self.exclude, o) for o in origins)):
+                for node, origin in zip(chain.layers, origins):
+                    if origin not in by_origin:
+                        by_origin[origin] = dense_only(program, node, origin, pricing)
+                        layers.append(by_origin[origin])
+                chains.append(Chain(shrink, start, start + len(origins), [by_origin[o] for o in origins]))
+            start += len(origins)
+        order = {n.name: i for i, n in enumerate(program.graph.nodes)}
+        layers.sort(key=lambda l: order[l.uses[0].name])
+        return chains
 
 
 def require_batches(ctx: PassContext, what: str) -> None:

@@ -108,6 +108,16 @@ def layer_options(program: Program, stats, pricing: Pricing, grid: Grid, exclude
     return layers
 
 
+def dense_only(program: Program, node: fx.Node, origin: str, pricing: Pricing) -> LayerOptions:
+    """A layer with its dense option alone (a depthwise conv in a chain: only merging can shrink it)."""
+    weight = program.tensor(node.args[1]).detach()
+    uses = layer_uses(program, node) or [node]
+    seconds = [dataclasses.replace(pricing, tune="model").dense(program, u)[0] for u in uses]
+    dense = Option(Dense(), 0.0, sum(seconds), weight.numel() * weight.element_size(), "dense")
+    return LayerOptions(origin, "conv" if node.target == CONV2D else "linear", tuple(weight.shape), uses, [dense],
+                        lambda decision: weight)
+
+
 def _matrix(program: Program, node: fx.Node) -> torch.Tensor:
     weight = program.tensor(node.args[1])
     return weight.reshape(weight.shape[0], -1)

@@ -53,7 +53,19 @@ class Quant:
         return f"int{self.bits} g{self.group}" + (f" +r{self.rank}" if self.rank else "")
 
 
-Decision = Union[Dense, LowRank, Sparse, Quant]
+@dataclass(frozen=True)
+class Merge:
+    """``depth-merge``: these layers (weight origins, in order) lose the activations between them and become one
+    layer (or the fastest split into merged runs), as in Kim et al.'s depth compression."""
+
+    layers: tuple[str, ...]
+    technique = "depth"
+
+    def __str__(self) -> str:
+        return f"merged {len(self.layers)} layers: " + " + ".join(self.layers)
+
+
+Decision = Union[Dense, LowRank, Sparse, Quant, Merge]
 
 
 @dataclass

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
-import torch.fx as fx
 
 from ..errors import BudgetError, PipelineError
 from ..hw_profiles.op_costs import program_cost, size_hints
@@ -19,7 +18,8 @@ from ..ir.program import Program
 from ..passes.distill import output_error, outputs_on
 from . import knapsack
 from .budget import Budget, Workload
-from .options import Dense, LayerOptions, LowRank, Option, Quant, Sparse
+from .chains import Chain, Item, layer_items
+from .options import LayerOptions, LowRank, Option, Quant, Sparse
 
 
 ROW_HEADS = ("layer", "decision", "kernel", "error", "latency us (dense)", "bytes (dense)")
@@ -122,32 +122,17 @@ def workload_hints(program: Program, workload: Workload) -> dict:
 
 class Scorer:
     """End-to-end relative output error of a choice on calibration batches, without rewriting: each planned
-    layer runs with the dense weight its decision stands for."""
+    layer runs with the dense weight its decision stands for, each planned merge with its activations removed."""
 
-    def __init__(self, program: Program, layers: list[LayerOptions], batches: list):
-        self.program, self.layers, self.batches = program, layers, batches
+    def __init__(self, program: Program, batches: list):
+        self.program, self.batches = program, batches
         self.reference = outputs_on(program, batches)
         self.seen: dict[tuple, float] = {}
 
-    def __call__(self, choice: list[int]) -> float:
-        key = tuple(choice)
+    def __call__(self, key: tuple, overrides: Callable[[], dict]) -> float:
         if key not in self.seen:
-            overrides = {}
-            for layer, index in zip(self.layers, choice):
-                decision = layer.options[index].decision
-                if isinstance(decision, Dense):
-                    continue
-                weight = layer.approximate(decision)
-                for use in layer.uses:
-                    overrides[use] = _with_weight(weight)
-            self.seen[key] = math.sqrt(output_error(self.program, self.batches, self.reference, overrides))
+            self.seen[key] = math.sqrt(output_error(self.program, self.batches, self.reference, overrides()))
         return self.seen[key]
-
-
-def _with_weight(weight: torch.Tensor):
-    def run(node: fx.Node, args: tuple, kwargs: dict) -> Any:
-        return node.target(args[0], weight, *args[2:], **kwargs)
-    return run
 
 
 @dataclass
@@ -163,8 +148,10 @@ PROBE_ERROR = 0.2  # the layer error at which each layer's end-to-end sensitivit
 
 
 class Planner:
+    """Chooses one option per unit (a layer, or a chain that depth merging may shorten) under the budget."""
+
     def __init__(self, program: Program, layers: list[LayerOptions], budget: Budget, workload: Workload,
-                 profile: Any, hints: dict, tune: str, allow_slower: bool = False):
+                 profile: Any, hints: dict, tune: str, allow_slower: bool = False, chains: list[Chain] = ()):
         self.program, self.budget, self.workload, self.profile, self.tune = program, budget, workload, profile, tune
         self.notes: list[str] = []
         for layer in layers:  # an option no kernel runs (infinite latency) is no option
@@ -178,48 +165,64 @@ class Planner:
             if dropped:
                 self.notes.append(f"{dropped} option(s) {'measured' if tune == 'measure' else 'predicted'} slower "
                                   "than their dense layer left out (plan{allow_slower=true} keeps them)")
-        self.layers = layers
-        dense_layers_s = sum(l.dense.latency_s for l in layers)
+        self.layers, self.chains = layers, list(chains)
         modelled = program_cost(program.graph, profile, hints).total_s
-        modelled_layers = sum(_modelled_dense(l, profile, hints) for l in layers)
-        self.fixed_s = max(modelled - modelled_layers, 0.0)  # everything the plan does not choose for
-        self.dense_latency_s = self.fixed_s + dense_layers_s
+        modelled_chosen = (sum(_modelled_dense(l, profile, hints) for l in layers)
+                           + sum(c.activation_s(profile, hints) for c in self.chains))
+        self.fixed_s = max(modelled - modelled_chosen, 0.0)  # everything the plan does not choose for
+        in_chains = {m.layer for c in self.chains for m in c.members}
+        self.dense_latency_s = (self.fixed_s + sum(l.dense.latency_s for l in layers if l.layer not in in_chains)
+                                + sum(c.dense_latency_s() for c in self.chains))
         self.dense_bytes = program.weight_bytes()
         self.fixed_bytes = self.dense_bytes - sum(l.dense.bytes for l in layers)
-        self.sensitivity = [1.0] * len(layers)  # end-to-end squared error per unit of a layer's squared error
+        self.sensitivity = {l.layer: 1.0 for l in layers}  # end-to-end squared error per unit of a layer's own
+        self.units: list[list[Item]] = []
+        self.scorer: Scorer | None = None
+        self.blocks: tuple = ()  # the chosen plan's merged blocks (for DepthShrink.apply)
 
     def calibrate(self, scorer: Scorer) -> None:
         """Weigh each layer's error by what it does to the model's output: change that layer alone to the option
         whose own error is nearest ``PROBE_ERROR`` and measure the output error end to end. A layer feeding the
         logits counts for more than one inside a residual branch, which summed layer errors cannot know."""
-        for index, layer in enumerate(self.layers):
+        for layer in self.layers:
             lossy = [(abs(o.error - PROBE_ERROR), i) for i, o in enumerate(layer.options) if o.error > 0]
             if not lossy:
                 continue
-            probe = min(lossy)[1]
-            choice = [0] * len(self.layers)
-            choice[index] = probe
-            weight = scorer(choice) ** 2 / layer.options[probe].error ** 2
+            probe = layer.options[min(lossy)[1]]
+            item = layer_items(layer, 1.0)[layer.options.index(probe)]
+            weight = scorer(("probe", layer.layer), item.overrides) ** 2 / probe.error ** 2
             # a layer whose change does not reach the outputs at all still counts a little, so that a max_error
             # budget can tell its options apart; a non-finite measurement falls back to the layer's own error
-            self.sensitivity[index] = max(weight, 1e-3) if math.isfinite(weight) else 1.0
+            self.sensitivity[layer.layer] = max(weight, 1e-3) if math.isfinite(weight) else 1.0
+
+    def _units(self) -> list[list[Item]]:
+        """The knapsack's groups in graph order: each chain once (at its first layer), every other layer alone."""
+        chain_at = {c.members[0].layer: c for c in self.chains}
+        in_chains = {m.layer for c in self.chains for m in c.members}
+        resource = "memory" if self.budget.resource == "memory" else "latency"
+        units = []
+        for layer in self.layers:
+            if layer.layer in chain_at:
+                units.append(chain_at[layer.layer].items(self.sensitivity, resource))
+            elif layer.layer not in in_chains:
+                units.append(layer_items(layer, self.sensitivity[layer.layer]))
+        return units
+
+    def score(self, choice: list[int]) -> float:
+        """The end-to-end error of ``choice`` (one item per unit) on the calibration batches."""
+        items = [unit[i] for unit, i in zip(self.units, choice)]
+        return self.scorer(("plan", tuple(choice)), lambda: {k: v for it in items for k, v in it.overrides().items()})
 
     # -- the knapsack ---------------------------------------------------------------------------------------------
     def problem(self, error_cap: float | None = None) -> Problem:
         if self.budget.resource == "memory" and self.budget.memory is not None:
             cap = self.budget.memory * (self.dense_bytes if self.budget.memory <= 1 else 1) - self.fixed_bytes
-            return Problem([[(o.bytes, s * o.error ** 2) for o in l.options] for l, s in self._weighted()], cap,
-                           "memory")
+            return Problem([[(it.bytes, it.value) for it in unit] for unit in self.units], cap, "memory")
         if self.budget.latency is not None:
             cap = self.budget.latency * self.dense_latency_s - self.fixed_s
-            return Problem([[(o.latency_s, s * o.error ** 2) for o in l.options] for l, s in self._weighted()], cap,
-                           "latency")
+            return Problem([[(it.latency_s, it.value) for it in unit] for unit in self.units], cap, "latency")
         cap = (error_cap if error_cap is not None else self.budget.max_error) ** 2
-        return Problem([[(s * o.error ** 2, o.latency_s) for o in l.options] for l, s in self._weighted()], cap,
-                       "error")
-
-    def _weighted(self):
-        return zip(self.layers, self.sensitivity)
+        return Problem([[(it.value, it.latency_s) for it in unit] for unit in self.units], cap, "error")
 
     def solve(self, problem: Problem) -> list[int]:
         least = knapsack.least_cost(problem.groups)
@@ -248,11 +251,13 @@ class Planner:
         return BudgetError("max_error below zero", 0.0)
 
     def plan(self, scorer: Scorer | None = None, generations: int = 0, seed: int = 0) -> Plan:
+        self.scorer = scorer
         if scorer is not None:
             self.calibrate(scorer)
+        self.units = self._units()
         problem = self.problem()
         choice = self.solve(problem)
-        measured = scorer(choice) if scorer is not None else None
+        measured = self.score(choice) if scorer is not None else None
         if problem.resource == "error" and scorer is not None:  # the proxy adds layer errors; check end to end
             cap = problem.capacity
             for _ in range(5):
@@ -260,15 +265,15 @@ class Planner:
                     break
                 cap *= (self.budget.max_error / measured) ** 2 * 0.9
                 choice = self.solve(self.problem(math.sqrt(cap)))
-                measured = scorer(choice)
+                measured = self.score(choice)
             if measured > self.budget.max_error:
                 raise BudgetError(f"no plan keeps the output error within max_error={self.budget.max_error:g} on the "
-                                  f"calibration data (dense layers only: {scorer([0] * len(self.layers)):.3g}); "
+                                  f"calibration data (dense layers only: {self.score([0] * len(self.units)):.3g}); "
                                   "raise max_error", measured)
         if generations and scorer is not None and problem.resource != "error":
             from .search import refine
 
-            choice, measured = refine(problem, choice, scorer, generations, seed)
+            choice, measured = refine(problem, choice, self.score, generations, seed)
         plan = self._plan(choice, measured)
         if self.budget.max_error is not None and problem.resource != "error":
             achieved = measured if measured is not None else plan.predicted_error
@@ -282,19 +287,19 @@ class Planner:
         return plan
 
     def _plan(self, choice: list[int], measured: float | None) -> Plan:
-        chosen = {l.layer: l.options[i] for l, i in zip(self.layers, choice)}
+        items = [unit[i] for unit, i in zip(self.units, choice)]
+        chosen = {k: v for it in items for k, v in it.layers.items()}
+        self.blocks = tuple(b for it in items for b in it.blocks)
         return Plan(self.budget, self.workload, self.profile.name, self.tune, chosen,
                     {l.layer: l.dense for l in self.layers}, self.dense_latency_s,
-                    self.fixed_s + sum(o.latency_s for o in chosen.values()), self.dense_bytes,
-                    self.fixed_bytes + sum(o.bytes for o in chosen.values()),
-                    math.sqrt(sum(s * o.error ** 2 for o, s in zip(chosen.values(), self.sensitivity))), measured,
-                    notes=list(self.notes))
+                    self.fixed_s + sum(it.latency_s for it in items), self.dense_bytes,
+                    self.fixed_bytes + sum(it.bytes for it in items),
+                    math.sqrt(sum(it.value for it in items)), measured, notes=list(self.notes))
 
     def _frontier(self) -> list[tuple[float, float]]:
         """(latency or memory ratio, predicted error) at every budget up to dense: the Pareto plot's curve."""
         memory = self.budget.resource == "memory"
-        groups = [[(o.bytes if memory else o.latency_s, s * o.error ** 2) for o in l.options]
-                  for l, s in self._weighted()]
+        groups = [[(it.bytes if memory else it.latency_s, it.value) for it in unit] for unit in self.units]
         dense = sum(g[0][0] for g in groups)
         fixed, total = (self.fixed_bytes, self.dense_bytes) if memory else (self.fixed_s, self.dense_latency_s)
         return [((fixed + c) / total, math.sqrt(v)) for c, v in knapsack.frontier(groups, dense)]

@@ -15,6 +15,7 @@ from .ir.capture import _as_args, capture, check_model_runs, require_module
 from .ir.partition import Part, describe_cause, partition, replace_submodule
 from .ir.program import Program
 from .passes import PassContext, PassManager, Report, relative_error
+from .passes.manager import CHECK_ELEMENTS
 from .passes.calibration import ActivationStats, check_calibration, collect_part_stats
 from .passes.pipeline import PipelineSpec
 
@@ -81,6 +82,9 @@ def compress(
     workload: Any = None,
     tune: str = "model",
     heal: int = 0,
+    calibration_mode: str = "sequential",
+    stats_dtype: torch.dtype = torch.float32,
+    check_elements: int = CHECK_ELEMENTS,
 ) -> CompressedModule:
     """Compress ``model`` with ``pipeline`` (text like ``"fold-bn,factorize{keep=0.5}"`` or Pass objects).
 
@@ -99,12 +103,21 @@ def compress(
     (``{"batch": 1, "seq": 512, "phase": "decode"}``; the example inputs' sizes by default), priced by the cost
     model or, with ``tune="measure"``, timed here. ``heal=200`` then distils the compressed layers for 200 steps
     against the original's outputs on the calibration batches. ``report.plans`` holds the plan.
+
+    Data-aware passes (whitened factorize, Wanda/SparseGPT nm, GPTQ or corrected quant-lowrank) calibrate a model
+    built from repeated blocks block by block (``calibration_mode="sequential"``, see ``passes/sequential.py``):
+    each block's statistics come from its inputs as the compressed blocks before it produce them.
+    ``calibration_mode="one-shot"`` takes every layer's statistics from the model before the pass. Statistics
+    accumulate in ``stats_dtype`` (float32, or float64). The check after every pass compares at most
+    ``check_elements`` elements of each output (an evenly strided sample).
     """
     from .passes.plan import with_budget
 
     pipeline = with_budget(pipeline, budget, workload, tune, heal)
-    manager = PassManager(pipeline, check=check, on_pass=on_pass, lower=lower)  # fail fast on a bad pipeline
-    ctx = PassContext(profile=resolve_profile(profile, default_local=True), calibration=calibration)
+    manager = PassManager(pipeline, check=check, on_pass=on_pass, lower=lower,  # fail fast on a bad pipeline
+                          check_elements=check_elements)
+    ctx = PassContext(profile=resolve_profile(profile, default_local=True), calibration=calibration,
+                      **calibration_options(calibration_mode, stats_dtype))
     check_calibration(calibration, "slimfx.compress")
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
     require_module(model)
@@ -120,6 +133,18 @@ def compress(
     result = CompressedModule(program.gm, report, program)
     _finish_report(report, reference, result, args, kwargs, calibration is not None)
     return result
+
+
+def calibration_options(mode: str, dtype: Any) -> dict:
+    """The context's calibration settings, or a PipelineError saying what to pass instead."""
+    from .errors import PipelineError
+
+    if mode not in ("sequential", "one-shot"):
+        raise PipelineError(f"calibration_mode={mode!r} must be 'sequential' (block by block, from the compressed "
+                            "blocks' outputs) or 'one-shot' (every layer's statistics from the original model)")
+    if dtype not in (torch.float32, torch.float64):
+        raise PipelineError(f"stats_dtype={dtype!r} must be torch.float32 or torch.float64")
+    return {"calibration_mode": mode, "stats_dtype": dtype}
 
 
 def _default_target_note(profile: Any, ctx: PassContext) -> list[str]:

@@ -121,8 +121,9 @@ def test_a_latency_plan_meets_its_budget_and_the_passes_execute_it_as_given(plan
 @pytest.mark.slow
 def test_the_plan_beats_the_best_single_technique_pipeline_at_the_same_predicted_latency():
     """On the byte LM trained on real text: at the latency uniform factorization (the best single-technique
-    pipeline on this CPU: N:M and int kernels do not cut latency here, so the planner does not pick them either)
-    reaches, the plan's per-layer choice loses clearly fewer bits per byte."""
+    pipeline on this CPU: N:M and int kernels do not cut latency here, so the planner does not pick them either;
+    calibrated sequentially, its best form) reaches, the plan's per-layer choice loses clearly fewer bits per
+    byte (measured 0.87x at keep 0.5, 0.78x at 0.7; against one-shot uniform 0.71x)."""
     from slimfx.lm import bits_per_byte, pretrained_lm
 
     model, text = pretrained_lm()
@@ -137,7 +138,7 @@ def test_the_plan_beats_the_best_single_technique_pipeline_at_the_same_predicted
         plan = planned.report.plans[0]
         assert plan.latency_ratio <= latency + 1e-9
         assert {o.decision.technique for o in plan.layers.values()} <= {"dense", "lowrank"}
-        assert bits_per_byte(planned, test) - dense < 0.85 * (bits_per_byte(uniform, test) - dense)
+        assert bits_per_byte(planned, test) - dense < 0.9 * (bits_per_byte(uniform, test) - dense)
         # the sensitivity-weighted proxy predicts the measured end-to-end error
         assert plan.predicted_error == pytest.approx(plan.measured_error, rel=0.3)
 
@@ -173,6 +174,18 @@ def test_depth_merge_spans_are_options_of_the_joint_plan(digits_cnn):
     before, after = results[100].report.heal_errors
     assert after < 0.3 * before
     assert evaluate(results[100], data.test_x, data.test_y)[0] > evaluate(model, data.test_x, data.test_y)[0] - 0.03
+
+
+def test_factorize_executing_a_plan_reuses_the_planners_decompositions(digits_mlp, monkeypatch):
+    import slimfx.passes.factorize as factorize_module
+
+    model, data = digits_mlp
+    calls = []
+    original = factorize_module.factorize_matrix
+    monkeypatch.setattr(factorize_module, "factorize_matrix", lambda *a, **k: calls.append(a) or original(*a, **k))
+    result = slimfx.compress(model, (data.test_x[:256],), pipeline="plan{techniques=lowrank}", budget={"latency": 0.6},
+                             calibration=calibration(data, 4), profile="cpu-generic")
+    assert result.report.rewrites("plan")["lowrank"] >= 1 and calls == []  # no second SVD of a planned layer
 
 
 def test_a_pass_does_not_override_a_planned_choice(digits_transformer):

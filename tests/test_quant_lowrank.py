@@ -153,7 +153,8 @@ def test_corrections_and_gptq_lower_the_task_loss_of_a_byte_lm():
     def loss(**options):
         body = ",".join(f"{k}={v}" for k, v in {"group": 64, "exclude": "head", **options}.items())
         result = compress_canonical(model, (batches[0][0][:4],), pipeline=f"quant-lowrank{{{body}}}",
-                                    calibration=batches)  # the quality of the math, not of a kernel
+                                    calibration=batches,  # the quality of the math, not of a kernel,
+                                    calibration_mode="one-shot")  # nor of sequential calibration
         return bits_per_byte(result, test)
 
     for bits in (3, 4):

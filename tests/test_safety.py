@@ -45,13 +45,15 @@ def test_new_tensors_take_the_device_of_what_they_replace(pipeline, monkeypatch)
     assert {program.tensor(n).device.type for n in program.graph.nodes if program.is_weight(n)} == {"cpu"}
 
 
-def test_statistics_live_on_the_activations_device_in_float64():
+def test_statistics_live_on_the_activations_device_in_their_dtype():
     """A model on another device (meta stands in for cuda): the statistics follow its activations, never the CPU."""
     model = _device_probe_model().to("meta")
     program = slimfx.capture(model, (torch.randn(2, 3, 4, 4, device="meta"),))
     stats = collect_stats(program, [(torch.randn(4, 3, 4, 4, device="meta"),)])
     assert len(stats.layers) == 4
-    assert all(s.gram.device.type == "meta" and s.gram.dtype == torch.float64 for s in stats.layers.values())
+    assert all(s.gram.device.type == "meta" and s.gram.dtype == torch.float32 for s in stats.layers.values())
+    double = collect_stats(program, [(torch.randn(4, 3, 4, 4, device="meta"),)], dtype=torch.float64)
+    assert all(s.gram.device.type == "meta" and s.gram.dtype == torch.float64 for s in double.layers.values())
 
 
 def test_verify_rejects_a_weight_made_on_another_device():

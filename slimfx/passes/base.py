@@ -35,6 +35,10 @@ class PassContext:
     reference: Any = None  # (calibration batches, the original's outputs on them), for passes that need them
     heal_errors: tuple[float, float] | None = None  # output error before and after healing
     planned_kernels: dict[str, str] = field(default_factory=dict)  # weight origin -> the kernel its plan priced
+    calibration_mode: str = "sequential"  # data-aware passes: "sequential" (block by block) or "one-shot"
+    stats_dtype: Any = None  # what statistics accumulate in (None: float32)
+    scope: set[str] | None = None  # while calibrating sequentially: the weight origins of the current block
+    block_stats: Any = None  # ... and their statistics, from the inputs the compressed blocks before produce
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -88,6 +92,8 @@ def claim_uses(pass_name: str, program: Program, layer: Any, kinds: tuple[str, .
                counts: Counter) -> list | None:
     """Every layer reading this layer's weight, if the pass may rewrite it; otherwise the skip is recorded (count
     and reason) and None is returned."""
+    if ctx.scope is not None and program.weights[layer.args[1].target].origin not in ctx.scope:
+        return None  # calibrating sequentially: another block's layer, rewritten in its own turn
     uses = layer_uses(program, layer)
     why = "the weight is also read by another kind of op (tied)" if uses is None else refusal(program, layer, kinds)
     if why is None:
@@ -114,6 +120,16 @@ class Pass:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     exact: ClassVar[bool] = False  # promises the outputs do not change (checked by the manager)
+
+    def check_counts(self, counts: Counter) -> None:
+        """Raise if a whole run's rewrite counts show the options cannot work (called once per run, also when the
+        run went block by block)."""
+
+    @property
+    def per_layer_statistics(self) -> bool:
+        """Whether this pass, as configured, reads each layer's input statistics and decides each layer from its
+        own (so it can be calibrated block by block: ``sequential``)."""
+        return False
 
     def validate(self) -> None:
         """Raise PipelineError naming the option to change. Called on construction."""

@@ -7,6 +7,7 @@ agree on, so statistics collected from an exported program serve a Dynamo graph 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -21,19 +22,40 @@ from ..ir.program import Program, is_input_guard
 
 @dataclass
 class LayerStats:
-    gram: torch.Tensor  # XᵀX, float64, [in, in]
-    abs_sum: torch.Tensor  # Σ|x| per input feature, float64, [in]
+    gram: torch.Tensor  # XᵀX, [in, in], in the statistics' dtype (float32 unless float64 was asked for)
+    abs_sum: torch.Tensor  # Σ|x| per input feature, [in]
     rows: int = 0
+    cross: torch.Tensor | None = None  # sequential calibration: Σ x_original x_compressedᵀ, [in, in]
 
     @property
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / max(self.rows, 1)
 
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().to(torch.float64)
+    def add(self, rows: torch.Tensor, original: torch.Tensor | None = None) -> None:
+        """Accumulate a batch of input rows; ``original``: the same rows as the uncompressed model computes them
+        (sequential calibration), for ``compensate``."""
+        rows = rows.detach().to(self.gram.dtype)
         self.gram += rows.T @ rows
         self.abs_sum += rows.abs().sum(0)
         self.rows += rows.shape[0]
+        if original is not None:
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.gram)
+            self.cross += original.detach().to(self.gram.dtype).T @ rows
+
+    def compensate(self, weight: torch.Tensor, damp: float = 0.1) -> torch.Tensor:
+        """The weight that, applied to the compressed model's inputs, best reproduces what ``weight`` computes on
+        the original inputs: argmin ‖W X_o − W' X_c‖² = W + W (C − G)(G + λI)⁻¹ (C = X_oᵀX_c, G = X_cᵀX_c, λ a
+        ``damp`` fraction of G's mean diagonal), in float64. Unchanged where both inputs agree (C = G) and in
+        directions the calibration data does not reach, so a compressing method then fits the layer to the inputs
+        it will actually see without chasing the errors of the blocks before (GPTAQ-style asymmetric calibration).
+        Without cross statistics (one-shot) the weight itself."""
+        w = weight.detach().to(torch.float64)
+        if self.cross is None:
+            return w
+        gram, cross = self.gram.to(torch.float64), self.cross.to(torch.float64)
+        ridge = gram + torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) * damp * gram.diagonal().mean()
+        return w + torch.linalg.solve(ridge, (w @ (cross - gram)).T).T  # (G + λI) symmetric: right-solve
 
 
 @dataclass
@@ -45,6 +67,10 @@ class ActivationStats:
 
     layers: dict[tuple[str, int], LayerStats] = field(default_factory=dict)
     batches: int = 0
+    dtype: Any = None  # what they accumulate in: float32 (default) or float64
+
+    def __post_init__(self) -> None:
+        self.dtype = self.dtype or torch.float32
 
     def get(self, origin: str, width: int) -> LayerStats | None:
         return self.layers.get((origin, width))
@@ -52,7 +78,8 @@ class ActivationStats:
     def without(self, origins: set[str]) -> "ActivationStats":
         if not origins:
             return self
-        return ActivationStats({k: v for k, v in self.layers.items() if k[0] not in origins}, self.batches)
+        return ActivationStats({k: v for k, v in self.layers.items() if k[0] not in origins}, self.batches,
+                               self.dtype)
 
 
 _SHARED_ROWS = WEIGHTED_OPS[torch.ops.aten.linear.default].rows  # a linear's rows are its input, reshaped
@@ -64,6 +91,7 @@ class _Collector(fx.Interpreter):
         self.program, self.stats = program, stats
         self.shared: dict[tuple, LayerStats] = {}  # (input node, rows, width) -> the statistics its layers share
         self.added: set[int] = set()  # statistics already fed this batch
+        self.original_rows: dict[tuple, torch.Tensor] | None = None  # sequential: (origin, width) -> original rows
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         self.added = set()
@@ -86,14 +114,14 @@ class _Collector(fx.Interpreter):
                         shared = self.shared.get(same_input) if same_input is not None else None
                         if shared is None:
                             width = rows.shape[1]
-                            zeros = torch.zeros(width, dtype=torch.float64, device=rows.device)  # with the activations
+                            zeros = torch.zeros(width, dtype=self.stats.dtype, device=rows.device)  # with the activations
                             shared = LayerStats(zeros.new_zeros(width, width), zeros)
                             if same_input is not None:
                                 self.shared[same_input] = shared
                         self.stats.layers[key] = shared
                     stats = self.stats.layers[key]
                     if id(stats) not in self.added:  # once per batch, however many layers share it
-                        stats.add(rows)
+                        stats.add(rows, self.original_rows.get(key) if self.original_rows is not None else None)
                         self.added.add(id(stats))
         return super().run_node(n)
 
@@ -200,22 +228,39 @@ def _batches(data: Iterable[Any], max_batches: int | None) -> Iterable[tuple[int
         yield (index, *model_inputs(batch, index))
 
 
-def collect_stats(program: Program, data: Iterable[Any], max_batches: int | None = None) -> ActivationStats:
-    """Run ``program`` on each calibration batch (a full set of model inputs) and accumulate layer statistics."""
+def collect_stats(program: Program, data: Iterable[Any], max_batches: int | None = None,
+                  dtype: torch.dtype | None = None) -> ActivationStats:
+    """Run ``program`` on each calibration batch (a full set of model inputs) and accumulate layer statistics
+    (in ``dtype``: float32 by default)."""
     if program.frontend != "export":
         raise CalibrationError(
             "calibration data can only be run through a captured model; for torch.compile pass "
             "options={'calibration': slimfx.collect_stats(model, data)} instead of raw batches"
         )
     check_calibration(data, "slimfx.compress")
-    stats = ActivationStats()
+    stats = ActivationStats(dtype=dtype)
     accumulator = _Accumulator(program, stats)
     for index, args, kwargs in _batches(data, max_batches):
         accumulator.add(args, kwargs, index)
         stats.batches += 1
     if stats.batches == 0:
         raise _empty_calibration()
+    warn_if_thin(stats)
     return stats
+
+
+def warn_if_thin(stats: ActivationStats) -> None:
+    """One warning when the calibration rows are fewer than a layer's input features: its Gram matrix then has
+    rank below its width, and whitening or SparseGPT lean on damping. Names how many rows (tokens) would do."""
+    thin = [(key, s.rows) for key, s in stats.layers.items() if s.rows < key[1]]
+    if not thin:
+        return
+    (origin, width), rows = max(thin, key=lambda kv: kv[0][1])
+    batches = max(stats.batches, 1)
+    needed = -(-width * batches // max(rows, 1))
+    warnings.warn(f"calibration gave {rows} rows (tokens, or positions of a conv) for {origin}, which reads {width} "
+                  f"features: its statistics have rank at most {rows} ({len(thin)} layer(s) alike); pass at least "
+                  f"{width} tokens, e.g. {needed} batches like these", stacklevel=3)
 
 
 def calibration_inputs(program: Program, data: Iterable[Any], max_batches: int | None = None) -> list[list]:
@@ -294,6 +339,8 @@ def resolve_stats(program: Program, ctx: Any) -> ActivationStats | None:
     left out, so a pass finds none for them and declines.
     """
     calibration = ctx.calibration
+    if ctx.block_stats is not None:  # calibrating sequentially: the current block's, from its compressed inputs
+        return ctx.block_stats
     if calibration is None:
         return None
     if isinstance(calibration, ActivationStats):
@@ -301,7 +348,7 @@ def resolve_stats(program: Program, ctx: Any) -> ActivationStats | None:
     key = ("activation-stats", id(program), ctx.revision)
     if key not in ctx.cache:
         ctx.cache.clear()  # older statistics describe a program that no longer exists
-        ctx.cache[key] = collect_stats(program, calibration)
+        ctx.cache[key] = collect_stats(program, calibration, dtype=ctx.stats_dtype)
     return ctx.cache[key]
 
 

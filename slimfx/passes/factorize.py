@@ -89,6 +89,10 @@ class Factorize(Pass):
             rank = max(multiple, round(rank / multiple) * multiple)
         return rank
 
+    @property
+    def per_layer_statistics(self) -> bool:
+        return self.method != "svd"
+
     def run(self, program: Program, ctx: PassContext) -> Counter:
         counts: Counter = Counter()
         stats = require_stats(program, ctx, self.method != "svd", f"factorize{{method={self.method}}}", "method=svd")
@@ -109,13 +113,17 @@ class Factorize(Pass):
             counts[outcome] += 1
             if outcome.startswith("skipped"):
                 ctx.skip(self.name, origin, outcome.removeprefix("skipped-"))
+        if ctx.scope is None:  # (calibrating block by block, the whole run is checked once at its end)
+            self.check_counts(counts)
+        program.graph.eliminate_dead_code()
+        program.drop_unused_weights()
+        return counts
+
+    def check_counts(self, counts: Counter) -> None:
         if self.rank is not None and not any(k in counts for k in ("linear", "conv-channel", "conv-spatial")) \
                 and counts.get("skipped-rank-too-large"):
             raise PipelineError(f"factorize: rank={self.rank} is >= min(out, in) of every layer, so nothing can "
                                 "shrink; use a smaller rank, or keep= for a per-layer fraction")
-        program.graph.eliminate_dead_code()
-        program.drop_unused_weights()
-        return counts
 
     # -- rewriting ---------------------------------------------------------------------------------------------
     def _rewrite(self, program: Program, uses: list[fx.Node], origin: str, stats, multiple: int, hints: dict,
@@ -136,7 +144,14 @@ class Factorize(Pass):
             layer_stats = stats.get(origin, matrix.shape[1]) if stats is not None else None
             if self.method != "svd" and layer_stats is None:
                 return "skipped-no-calibration-statistics"
-            factors = factorize_matrix(matrix, self.method, layer_stats, self.alpha, self.damp)
+            # the planner's decomposition of this weight on these statistics, if it made one: not a second SVD
+            key = (origin, matrix.data_ptr(), matrix.shape[1], self.method)
+            factors = ctx.cache.get("decompositions", {}).get(key) if layer_stats is not None and \
+                layer_stats.cross is None and (self.alpha, self.damp) == (Factorize.alpha, Factorize.damp) else None
+            if layer_stats is not None and layer_stats.cross is not None:  # sequential: fit to the compressed
+                matrix = layer_stats.compensate(matrix)  # model's inputs, against the original's outputs
+            if factors is None:
+                factors = factorize_matrix(matrix, self.method, layer_stats, self.alpha, self.damp)
             rows, cols = matrix.shape
         rank = self.choose_rank(origin, factors, rows, cols, multiple)
         if rank < 1:

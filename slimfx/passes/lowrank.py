@@ -60,9 +60,9 @@ def _whitening(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Ten
 def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None = None, alpha: float = 0.5,
                      damp: float = 1e-6) -> LowRankFactors:
     w = weight.detach().to(torch.float64)
-    gram = stats.gram if stats is not None else None
+    gram = stats.gram.to(torch.float64) if stats is not None else None  # (float32 statistics: float64 math)
     if method == "whitened" and w.shape[0] < w.shape[1]:
-        return _whitened_from_outputs(w, gram.to(torch.float64))
+        return _whitened_from_outputs(w, gram)
     if method == "svd":
         transform, inverse = None, None
     elif method == "whitened":

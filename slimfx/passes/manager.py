@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import NumericalMismatchError, SlimfxError
+from ..errors import NumericalMismatchError, PipelineError, SlimfxError
 from ..hw_profiles.op_costs import program_cost, program_flops
 from ..ir.fake_prop import refresh_metadata
 from ..ir.program import Program
@@ -130,6 +130,19 @@ class Report:
         return sorted(self.layer_errors.items(), key=lambda kv: -kv[1])[:count]
 
 
+CHECK_ELEMENTS = 1 << 20  # per output tensor, in the manager's check after every pass
+
+
+def sample(tensor: torch.Tensor, limit: int) -> torch.Tensor:
+    """A detached copy of ``tensor``, or of an evenly strided sample of ``limit`` of its elements if it is larger
+    (the same elements every time, so two samples compare)."""
+    tensor = tensor.detach()
+    if tensor.numel() <= limit or not tensor.is_floating_point():
+        return tensor.clone()
+    flat = tensor.reshape(-1)
+    return flat[:: -(-flat.numel() // limit)].clone()
+
+
 def relative_error(reference: Any, actual: Any) -> float:
     """Max over output tensors of ||actual - reference|| / ||reference||."""
     ref_leaves = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
@@ -168,11 +181,15 @@ class PassManager:
     """
 
     def __init__(self, pipeline: PipelineSpec, *, check: bool = True, exact_rtol: float = 1e-5,
-                 on_pass: Callable[[Pass, Program], None] | None = None, lower: bool = False):
+                 on_pass: Callable[[Pass, Program], None] | None = None, lower: bool = False,
+                 check_elements: int = CHECK_ELEMENTS):
         self.passes = parse_pipeline(pipeline)
         if lower and not any(p.name == "lower" for p in self.passes):  # the entry points end every pipeline so
             self.passes.append(parse_pipeline("lower")[0])  # (a pipeline that names it keeps its options)
         self.check = check
+        if check_elements < 1:
+            raise PipelineError(f"check_elements={check_elements} must be >= 1 (elements of each output compared)")
+        self.check_elements = check_elements
         self.exact_rtol = exact_rtol
         self.on_pass = on_pass
 
@@ -193,7 +210,7 @@ class PassManager:
             shape_before = (len(program.graph.nodes), tuple(program.weights))
             try:
                 with torch.no_grad():
-                    counts = pass_.run(program, ctx)
+                    counts = self._run(pass_, program, ctx)
             except SlimfxError as exc:  # name the pass; the type (and so how callers treat it) is kept
                 exc.args = (f"pass {pass_} failed: {exc}", *exc.args[1:])
                 raise
@@ -235,6 +252,18 @@ class PassManager:
             report.cost = program_cost(program.graph, ctx.profile)
         return report
 
+    @staticmethod
+    def _run(pass_: Pass, program: Program, ctx: PassContext) -> Counter:
+        """A data-aware pass on raw calibration batches runs block by block (``sequential``) unless the context
+        asks for one-shot statistics; everything else runs on the whole program at once."""
+        from .calibration import ActivationStats
+        from .sequential import run_sequentially
+
+        if (ctx.calibration_mode == "sequential" and pass_.per_layer_statistics and ctx.calibration is not None
+                and not isinstance(ctx.calibration, ActivationStats) and program.frontend == "export"):
+            return run_sequentially(pass_, program, ctx)
+        return pass_.run(program, ctx)
+
     def _keep_reference(self, program: Program, ctx: PassContext) -> None:
         """The original's outputs on calibration batches, for passes that train against them (heal)."""
         wanting = [p for p in self.passes if getattr(p, "needs_reference", False)]
@@ -252,9 +281,9 @@ class PassManager:
     def _latency(program: Program, ctx: PassContext) -> float | None:
         return program_cost(program.graph, ctx.profile).total_s if ctx.profile is not None else None
 
-    @staticmethod
-    def _outputs(program: Program) -> Any:
+    def _outputs(self, program: Program) -> Any:
+        """The example's outputs, each float tensor cut to an evenly strided sample of at most ``check_elements``
+        (an LLM's logits need not be kept, or compared in float64, whole)."""
         with torch.no_grad():
-            return pytree.tree_map(
-                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, program.run_example()
-            )
+            return pytree.tree_map(lambda t: sample(t, self.check_elements) if isinstance(t, torch.Tensor) else t,
+                                   program.run_example())

@@ -36,7 +36,7 @@ def sparsegpt(weight: torch.Tensor, stats: LayerStats, n: int, m: int, block: in
     """Returns (updated weight with pruned entries exactly zero, keep-mask)."""
     w = weight.detach().to(torch.float64).clone()
     out_f, in_f = w.shape
-    hessian = stats.gram.clone() / max(stats.rows, 1)
+    hessian = stats.gram.to(torch.float64) / max(stats.rows, 1)
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1.0
     w[:, dead] = 0.0

@@ -45,6 +45,7 @@ class NMSparsity(Pass):
     block: int = 128
     damp: float = 0.01
     permute: bool = False  # reorder input channels for a better mask, folded into the producing layer
+    permute_seconds: float = 10.0  # the permutation search's time budget per layer
     plan: Optional[dict] = None  # weight origin -> (n, m), from the planner: only these layers, these patterns
 
     def validate(self) -> None:
@@ -52,6 +53,8 @@ class NMSparsity(Pass):
             raise self.invalid("m", "must be >= 2")
         if not 1 <= self.n < self.m:
             raise self.invalid("n", f"must be in [1, m) = [1, {self.m}): n >= m would prune nothing")
+        if not self.permute_seconds > 0:
+            raise self.invalid("permute_seconds", "must be > 0 (seconds of permutation search per layer)")
         if self.block < self.m:
             raise self.invalid("block", f"must be >= m={self.m}")
         if not 0 <= self.damp < 1:
@@ -62,6 +65,10 @@ class NMSparsity(Pass):
         for origin, (n, m) in (self.plan or {}).items():
             if m < 2 or not 1 <= n < m:
                 raise PipelineError(f"nm: plan gives {origin} the pattern {n}:{m}; a pattern keeps 1 <= n < m of m >= 2")
+
+    @property
+    def per_layer_statistics(self) -> bool:
+        return self.method != "magnitude"
 
     def run(self, program: Program, ctx: PassContext) -> Counter:
         counts: Counter = Counter()
@@ -109,7 +116,7 @@ class NMSparsity(Pass):
             layer_stats = stats.get(origin, in_f) if stats is not None else None
             norm = layer_stats.gram.diagonal().clamp_min(0).sqrt().float() if layer_stats is not None else 1.0
             saliency = weight.detach().abs().float() * norm
-            perm = search_permutation(saliency, self.n, self.m)
+            perm = search_permutation(saliency, self.n, self.m, seconds=self.permute_seconds)
             if kept_saliency(saliency[:, perm], self.n, self.m) <= kept_saliency(saliency, self.n, self.m):
                 continue
             self._replace_weight(program, node, 1, weight[:, perm], "input channels permuted")
@@ -142,6 +149,8 @@ class NMSparsity(Pass):
             return "skipped-width", f"left dense: {in_f} input features are not a multiple of m={m}"
         if self.method != "magnitude" and layer_stats is None:
             return "skipped-no-calibration-statistics", "left dense: no calibration statistics reached this layer"
+        if layer_stats is not None and layer_stats.cross is not None:  # sequential calibration (compensate)
+            weight = layer_stats.compensate(weight).to(weight.dtype)
         if self.method == "magnitude":
             mask = magnitude_mask(weight, n, m)
             pruned = weight * mask

@@ -88,7 +88,8 @@ class PlanPass(Pass):
         pricing = Pricing(profile.device, profile, hints, self.tune, keep_storage=budget.resource == "memory")
         grid = Grid(techniques=tuple(self.techniques.split("|")), nm_method=self.nm_method)
         missing: list[str] = []
-        layers = layer_options(program, stats, pricing, grid, self.exclude, missing)
+        layers = layer_options(program, stats, pricing, grid, self.exclude, missing,
+                               ctx.cache.setdefault("decompositions", {}))
         for origin in missing:
             ctx.skip(self.name, origin, "no calibration statistics describe its input (statistics given ready-made "
                                         "describe the original model, not layers an earlier pass merged or changed)")

@@ -101,6 +101,10 @@ class QuantLowRank(Pass):
     def needs_data(self) -> bool:
         return self.quantizer == "gptq" or (self.rank > 0 and self.correction in ("lqer", "eora"))
 
+    @property
+    def per_layer_statistics(self) -> bool:
+        return self.needs_data
+
     def run(self, program: Program, ctx: PassContext) -> Counter:
         counts: Counter = Counter()
         stats = require_stats(program, ctx, self.needs_data, f"quant-lowrank{{quantizer={self.quantizer},"
@@ -142,7 +146,7 @@ class QuantLowRank(Pass):
     # -- the decomposition --------------------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None, bits: int, group: int,
                  rank: int) -> QuantizedWeight:
-        w = weight.detach().to(torch.float64)
+        w = stats.compensate(weight) if stats is not None else weight.detach().to(torch.float64)
         codes, params = self._quantize(w, stats, bits, group)
         a = b = None
         if rank > 0 and self.correction != "none":

@@ -86,10 +86,11 @@ class Pricing:
 
 
 def layer_options(program: Program, stats, pricing: Pricing, grid: Grid, exclude: str = "",
-                  without_stats: list[str] | None = None) -> list[LayerOptions]:
+                  without_stats: list[str] | None = None, decompositions: dict | None = None) -> list[LayerOptions]:
     """Options for every weight a lossy pass may rewrite (trained, unconstrained, not shared with another kind of
     op, not ``exclude``d); the rest stay as they are and count as fixed cost. Layers no calibration statistics
-    reached are named in ``without_stats``."""
+    reached are named in ``without_stats``. Each layer's whitened decomposition is left in ``decompositions``
+    (keyed by origin, storage, width and method), where ``factorize`` executing the plan takes it instead of a second SVD."""
     layers = []
     for node in progress(first_use_of_each_weight(program, DENSE_LAYERS), "planner: layer options"):
         origin = program.weights[node.args[1].target].origin
@@ -104,7 +105,8 @@ def layer_options(program: Program, stats, pricing: Pricing, grid: Grid, exclude
             if without_stats is not None:
                 without_stats.append(origin)
             continue
-        layers.append(_options(program, node, uses, origin, layer_stats, pricing, grid))
+        layers.append(_options(program, node, uses, origin, layer_stats, pricing, grid,
+                               decompositions if decompositions is not None else {}))
     return layers
 
 
@@ -124,7 +126,7 @@ def _matrix(program: Program, node: fx.Node) -> torch.Tensor:
 
 
 def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_stats, pricing: Pricing,
-             grid: Grid) -> LayerOptions:
+             grid: Grid, decompositions: dict) -> LayerOptions:
     weight = program.tensor(node.args[1]).detach()
     matrix = weight.reshape(weight.shape[0], -1)
     out_f, in_f = matrix.shape
@@ -139,6 +141,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
 
     if "lowrank" in grid.techniques:
         factors = factorize_matrix(matrix, "whitened", layer_stats)
+        decompositions[(origin, matrix.data_ptr(), in_f, "whitened")] = factors
         most = (out_f * in_f - 1) // (out_f + in_f)
         multiple = getattr(pricing.profile, "rank_multiple", 1)
         ranks = set()

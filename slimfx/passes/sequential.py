@@ -1,0 +1,187 @@
+"""Sequential calibration: a data-aware pass compresses a model built from repeated blocks one block at a time.
+
+As the GPTQ and SparseGPT reference implementations do: the calibration inputs run through the model segment by
+segment (what comes before the first block, each block, what follows the last). Each segment's layer statistics
+come from its inputs as the already-compressed segments before it produce them; the pass rewrites that segment's
+layers alone; the rewritten segment then runs once more to produce the next segment's inputs. Only one segment's
+statistics are alive at a time, and between segments only the values later nodes read (the residual stream, a
+mask, rotary tables) are kept, in the model's dtype.
+
+Blocks are found from ``nn_module_stack``: the container whose numbered children (``model.layers.0``, ``h.1``)
+hold the most layers. A model without one falls back to one-shot statistics, with a note.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+import torch
+import torch.fx as fx
+
+from ..ir.op_table import DENSE_LAYERS, weighted_op
+from ..ir.program import Program, is_input_guard
+from ..progress import progress
+from .base import Pass, PassContext
+from .calibration import ActivationStats, _Collector, calibration_inputs, warn_if_thin
+
+_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+
+
+@dataclass
+class Segments:
+    """The graph's nodes cut into segments in graph order: [before the blocks, block 0, ..., after the blocks]."""
+
+    container: str  # the module path whose numbered children are the blocks (e.g. "model.layers")
+    nodes: list[list[fx.Node]]
+
+    @property
+    def blocks(self) -> int:
+        return len(self.nodes) - 2
+
+
+def _block_of(node: fx.Node, container: str) -> int | None:
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        match = _NUMBERED.match(path)
+        if match and match.group(1) == container:
+            return int(match.group(2))
+    return None
+
+
+def find_segments(program: Program) -> Segments | str:
+    """The segments, or why the model has no block structure to calibrate sequentially."""
+    counts: Counter = Counter()
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in DENSE_LAYERS:
+            seen = set()
+            for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+                match = _NUMBERED.match(path)
+                if match and match.group(1) not in seen:
+                    seen.add(match.group(1))
+                    counts[(match.group(1), int(match.group(2)))] += 1
+    containers = Counter(c for c, _ in counts)
+    repeated = [c for c, n in containers.items() if n >= 2]
+    if not repeated:
+        return "no repeated blocks (numbered children of one module, such as model.layers.0, .1, ...) hold its layers"
+    layers_in = {c: sum(n for (k, _), n in counts.items() if k == c) for c in repeated}
+    container = max(repeated, key=lambda c: (layers_in[c], -len(c)))
+    indices = sorted(i for c, i in counts if c == container)
+    position = {index: k + 1 for k, index in enumerate(indices)}
+    order = list(program.graph.nodes)
+    last = max(i for i, n in enumerate(order) if _block_of(n, container) == indices[-1])
+    nodes: list[list[fx.Node]] = [[] for _ in range(len(indices) + 2)]
+    current = 0
+    for i, node in enumerate(order):
+        if node.op in ("placeholder", "get_attr"):
+            nodes[0].append(node)  # inputs and weights: read by every segment
+            continue
+        block = _block_of(node, container)
+        if i > last:
+            current = len(nodes) - 1  # after the last block: the final norm, the head, the output
+        elif block in position:
+            if position[block] < current:
+                return f"the blocks of {container} interleave in the graph (block {block} after a later one)"
+            current = position[block]
+        nodes[current].append(node)  # a node between blocks (outside any) goes with the block before it
+    return Segments(container, nodes)
+
+
+class _Runner(fx.Interpreter):
+    """Runs chosen nodes on an environment of live values (one calibration batch's). With ``stats`` it collects
+    the statistics of the layers it passes through; with ``record`` it keeps each layer's input rows."""
+
+    def __init__(self, program: Program, stats: ActivationStats | None = None, record: bool = False):
+        super().__init__(program.gm)
+        self.program = program
+        self.collector = _Collector(program, stats) if stats is not None else None
+        self.rows: dict[tuple, torch.Tensor] | None = {} if record else None
+
+    def run_nodes(self, nodes: list[fx.Node], env: dict, original_rows: dict | None = None) -> dict:
+        runner = self.collector or self
+        runner.env = env
+        if self.collector is not None:
+            self.collector.added, self.collector.original_rows = set(), original_rows
+        if self.rows is not None:
+            self.rows = {}
+        for node in nodes:
+            if node.op == "output" or node in env:
+                continue
+            if is_input_guard(node):
+                env[node] = None
+                continue
+            if self.rows is not None:
+                self._record(node, env)
+            env[node] = runner.run_node(node) if self.collector is not None else super().run_node(node)
+        return env
+
+    def _record(self, node: fx.Node, env: dict) -> None:
+        op = weighted_op(node)
+        if op is None or not self.program.is_weight(node.args[1]) or not isinstance(env.get(node.args[0]), torch.Tensor):
+            return
+        rows = op.rows(node, env[node.args[0]])
+        if rows is not None:
+            self.rows.setdefault((self.program.weights[node.args[1].target].origin, rows.shape[1]), rows)
+
+
+def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter:
+    """Run a data-aware pass segment by segment (see the module docstring); one-shot where that cannot be done.
+
+    Two streams of values advance together: the original model's and the compressed one's. Each layer's
+    statistics hold the compressed stream's Gram matrix and its cross term with the original stream, so the pass
+    fits the layer to the inputs it will see, against the outputs the original computed (``LayerStats.compensate``).
+    """
+    segments = find_segments(program)
+    if isinstance(segments, str):
+        ctx.note(f"{pass_.name}: calibrated one-shot (all statistics from the model before the pass): {segments}")
+        return pass_.run(program, ctx)
+    batches = calibration_inputs(program, ctx.calibration)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    compressed = [dict(zip(placeholders, batch)) for batch in batches]
+    original = [dict(env) for env in compressed]
+    counts: Counter = Counter()
+    started = time.perf_counter()
+    segment_nodes, warned = segments.nodes, False
+    try:
+        for index in progress(range(len(segment_nodes)), f"{pass_.name}: blocks of {segments.container}"):
+            alive = set(program.graph.nodes)
+            nodes = [n for n in segment_nodes[index] if n in alive]
+            later = {a for rest in segment_nodes[index + 1 :] for n in rest if n in alive for a in n.all_input_nodes}
+            scope = _origins(program, nodes)
+            stats = ActivationStats(dtype=ctx.stats_dtype)
+            collector, recorder = _Runner(program, stats), _Runner(program, record=bool(scope))
+            for k in range(len(batches)):  # the original stream passes the segment as it was; statistics meanwhile
+                advanced = recorder.run_nodes(nodes, dict(original[k]))
+                original[k] = {n: v for n, v in advanced.items() if n in later}
+                if scope:
+                    collector.run_nodes(nodes, dict(compressed[k]), recorder.rows)
+                    stats.batches += 1
+            if scope:
+                if not warned:
+                    warn_if_thin(stats)
+                    warned = True
+                ctx.block_stats, ctx.scope = stats, scope
+                counts.update(pass_.run(program, ctx))
+                ctx.block_stats, ctx.scope = None, None
+                program.gm.recompile()
+                ours = set(nodes) | (set(program.graph.nodes) - alive)  # what the pass added is this segment's
+                nodes = segment_nodes[index] = [n for n in program.graph.nodes if n in ours]
+            del stats, collector, recorder
+            alive = set(program.graph.nodes)
+            later = {a for rest in segment_nodes[index + 1 :] for n in rest if n in alive for a in n.all_input_nodes}
+            runner = _Runner(program)
+            for k in range(len(batches)):
+                env = runner.run_nodes(nodes, compressed[k])
+                compressed[k] = {n: v for n, v in env.items() if n in later}
+                # a value the rewrite renamed (a segment ending in a rewritten layer) follows the compressed stream
+                original[k].update({n: v for n, v in compressed[k].items() if n not in original[k]})
+    finally:
+        ctx.block_stats, ctx.scope = None, None
+    pass_.check_counts(counts)
+    ctx.note(f"{pass_.name}: calibrated sequentially over {segments.blocks} blocks of {segments.container} "
+             f"({len(batches)} batches, {time.perf_counter() - started:.1f} s)")
+    return counts
+
+
+def _origins(program: Program, nodes: list[fx.Node]) -> set[str]:
+    return {program.weights[n.args[1].target].origin for n in nodes
+            if n.op == "call_function" and n.target in DENSE_LAYERS and program.is_weight(n.args[1])}

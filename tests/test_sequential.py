@@ -1,0 +1,131 @@
+"""Sequential (block-by-block) calibration: blocks found, statistics from the compressed blocks' outputs with the
+original's as the target, one-shot as the fallback, float32 statistics, and clear errors."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import slimfx
+from slimfx.errors import PipelineError
+from slimfx.ir import capture
+from slimfx.passes.sequential import find_segments
+
+
+@pytest.fixture(scope="module")
+def byte_lm():
+    from slimfx.lm import pretrained_lm
+
+    model, text = pretrained_lm()
+    cal = [(w[:, :-1],) for w in text.windows("train", 64, 64).split(8)]
+    return model, cal, text.windows("test", 128, 64, seed=1)
+
+
+@pytest.mark.parametrize("pipeline", ["factorize{keep=0.5,method=whitened}", "nm{method=sparsegpt}"])
+def test_sequential_calibration_loses_less_than_one_shot_on_the_trained_byte_lm(byte_lm, pipeline):
+    from slimfx.lm import bits_per_byte
+
+    model, cal, test = byte_lm
+    dense = bits_per_byte(model, test)
+    loss = {}
+    for mode in ("one-shot", "sequential"):
+        result = slimfx.compress(model, cal[0], pipeline=pipeline, calibration=cal, profile="none",
+                                 calibration_mode=mode)
+        loss[mode] = bits_per_byte(result, test) - dense
+        calibrated = [n for n in result.report.notes if "calibrated sequentially" in n]
+        assert bool(calibrated) == (mode == "sequential")
+        assert sum(result.report.passes[0].rewrites.values()) == 9  # every layer, in both modes
+    assert calibrated[0].split(": ", 1)[1].startswith("calibrated sequentially over 2 blocks of blocks")
+    assert 0 < loss["sequential"] < 0.97 * loss["one-shot"]
+
+
+def test_segments_of_a_default_llama_are_its_decoder_layers_and_each_is_compressed_in_turn():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    segments = find_segments(capture(model, (ids,)))
+    assert segments.container == "model.layers" and segments.blocks == 3
+    layer_names = [[n.meta["nn_module_stack"] and list(n.meta["nn_module_stack"].values())[-1][0]
+                    for n in segment if n.op == "call_function" and "linear" in str(n.target)]
+                   for segment in segments.nodes]
+    assert layer_names[0] == [] and layer_names[-1] == ["lm_head"]
+    assert all(len(names) == 7 and all(f"layers.{i}." in x for x in names) for i, names in enumerate(layer_names[1:-1]))
+    cal = [(torch.randint(0, 128, (4, 32)),) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5}", calibration=cal, profile="none")
+    assert result.report.passes[0].rewrites["linear"] == 22  # 7 per layer and the head
+    assert torch.isfinite(result(ids).logits).all()
+
+
+def test_without_repeated_blocks_it_calibrates_one_shot_and_says_so(digits_cnn):
+    model, data = digits_cnn
+    cal = [(data.train_x[i : i + 128],) for i in range(0, 512, 128)]
+    x = (data.test_x[:64],)
+    runs = {mode: slimfx.compress(model, x, pipeline="fold-bn,factorize{keep=0.5}", calibration=cal, profile="none",
+                                  calibration_mode=mode) for mode in ("sequential", "one-shot")}
+    notes = [n for n in runs["sequential"].report.notes if "one-shot" in n]
+    assert len(notes) == 1 and "no repeated blocks" in notes[0]
+    assert torch.equal(runs["sequential"](*x), runs["one-shot"](*x))
+
+
+def test_statistics_are_float32_unless_asked_and_bad_settings_say_what_to_pass(digits_mlp):
+    from slimfx.passes.calibration import collect_stats
+
+    model, data = digits_mlp
+    cal = [(data.train_x[i : i + 128],) for i in range(0, 512, 128)]
+    program = capture(model, (data.test_x[:8],))
+    single, double = collect_stats(program, cal), collect_stats(program, cal, dtype=torch.float64)
+    for key, stats in single.layers.items():
+        assert stats.gram.dtype == torch.float32 and double.layers[key].gram.dtype == torch.float64
+        assert torch.allclose(stats.gram.double(), double.layers[key].gram, rtol=1e-4, atol=1e-3)
+    x = (data.test_x[:64],)
+    results = [slimfx.compress(model, x, pipeline="factorize{keep=0.5}", calibration=cal, profile="none",
+                               stats_dtype=dtype, calibration_mode="one-shot") for dtype in (torch.float32, torch.float64)]
+    assert torch.allclose(results[0](*x), results[1](*x), rtol=1e-3, atol=1e-3)
+    with pytest.raises(PipelineError, match="'sequential'.*'one-shot'"):
+        slimfx.compress(model, x, pipeline="factorize{keep=0.5}", calibration=cal, calibration_mode="blockwise")
+    with pytest.raises(PipelineError, match="torch.float32 or torch.float64"):
+        slimfx.compress(model, x, pipeline="factorize{keep=0.5}", calibration=cal, stats_dtype=torch.float16)
+
+
+def test_too_few_calibration_tokens_warn_with_how_many_are_needed(digits_mlp):
+    model, data = digits_mlp
+    with pytest.warns(UserWarning, match=r"fc2.weight, which reads 256 features: .* at least 256 tokens, e\.g\. 16 batches like these"):
+        slimfx.compress(model, (data.test_x[:8],), pipeline="factorize{keep=0.5}", profile="none",
+                        calibration=[(data.train_x[i : i + 16],) for i in range(0, 32, 16)])
+
+
+# -- bounded work --------------------------------------------------------------------------------------------------
+
+def test_the_managers_check_compares_a_bounded_sample_of_each_output(digits_mlp):
+    from slimfx.passes.manager import sample
+
+    logits = torch.randn(3, 1000, 7)
+    picked = sample(logits, 100)
+    assert picked.numel() <= 100 and torch.equal(picked, logits.reshape(-1)[:: -(-logits.numel() // 100)])
+    assert torch.equal(sample(logits, 10**6), logits) and sample(logits, 10**6) is not logits
+    model, data = digits_mlp
+    cal = [(data.train_x[i : i + 128],) for i in range(0, 512, 128)]
+    x = (data.test_x[:256],)  # 2,560 logits
+    full, bounded = (slimfx.compress(model, x, pipeline="factorize{keep=0.3}", calibration=cal, profile="none",
+                                     check_elements=n) for n in (10**6, 64))
+    a, b = full.report.passes[0].rel_error, bounded.report.passes[0].rel_error
+    assert a > 0.01 and b > 0.01 and a != b and b == pytest.approx(a, rel=0.5)  # a sample of 64: near, not equal
+    with pytest.raises(PipelineError, match="check_elements=0 must be >= 1"):
+        slimfx.compress(model, x, pipeline="factorize{keep=0.3}", calibration=cal, check_elements=0)
+
+
+def test_the_permutation_search_stops_at_its_time_budget():
+    from slimfx.passes.nm_permute import kept_saliency, search_permutation
+
+    torch.manual_seed(0)
+    saliency = torch.rand(64, 128)
+    expired = search_permutation(saliency, 2, 4, seconds=1e-12)  # out of time before the first group
+    assert torch.equal(expired, torch.arange(128))
+    searched = search_permutation(saliency, 2, 4, rounds=1, seconds=60.0)
+    assert kept_saliency(saliency[:, searched], 2, 4) > kept_saliency(saliency, 2, 4)

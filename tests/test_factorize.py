@@ -234,25 +234,27 @@ def test_energy_option_bounds_each_layers_predicted_error(digits_transformer):
     assert len(notes) + skipped == 8  # qkv, proj, up, down in each of two blocks
 
 
-def test_the_output_side_route_gives_the_whitened_truncation_exactly():
-    """A layer with fewer outputs than inputs is whitened through W·XᵀX·Wᵀ (out × out): the same rank-r product and
-    the same exact error as the input-side route, which forms S = (XᵀX)^½."""
+@pytest.mark.parametrize("outputs", [40, 96, 160])
+def test_both_eigen_routes_give_the_whitened_truncation_exactly(outputs):
+    """Whitened factorization never runs an SVD of the weight: fewer outputs than inputs go through W·XᵀX·Wᵀ
+    (out × out), the rest through (W S)ᵀ(W S) (in × in). Both give the rank-r product of the SVD of W·S, with
+    S = (XᵀX)^½, and the exact error."""
     from slimfx.passes.calibration import LayerStats
     from slimfx.passes.lowrank import _whitening, factorize_matrix
 
     torch.manual_seed(0)
     x = torch.randn(512, 96, dtype=torch.float64) @ torch.randn(96, 96, dtype=torch.float64)  # correlated inputs
-    w = torch.randn(40, 96, dtype=torch.float64)
+    w = torch.randn(outputs, 96, dtype=torch.float64)
     stats = LayerStats(x.T @ x, x.abs().sum(0), 512)
-    wide = factorize_matrix(w, "whitened", stats)  # 40 < 96: the output side
-    s, s_inv = _whitening(stats.gram, 1e-12)
+    factors = factorize_matrix(w, "whitened", stats, damp=1e-12)
+    s, s_inv = _whitening(stats, 1e-12)
     u, sigma, vh = torch.linalg.svd(w @ s, full_matrices=False)
     for rank in (1, 8, 20, 39):
         expected = (u[:, :rank] * sigma[:rank]) @ (vh[:rank] @ s_inv)
-        a, b = wide.truncate(rank, torch.float64)
+        a, b = factors.truncate(rank, torch.float64)
         assert torch.allclose(a @ b, expected, atol=1e-8 * expected.abs().max())
         measured = ((x @ (w - a @ b).T).norm() / (x @ w.T).norm()).item()
-        assert wide.rel_error(rank) == pytest.approx(measured, rel=1e-6)
+        assert factors.rel_error(rank) == pytest.approx(measured, rel=1e-6)
 
 
 def test_layers_reading_one_input_share_one_statistics_object():

@@ -51,11 +51,25 @@ class LayerStats:
         it will actually see without chasing the errors of the blocks before (GPTAQ-style asymmetric calibration).
         Without cross statistics (one-shot) the weight itself."""
         w = weight.detach().to(torch.float64)
-        if self.cross is None:
-            return w
-        gram, cross = self.gram.to(torch.float64), self.cross.to(torch.float64)
-        ridge = gram + torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) * damp * gram.diagonal().mean()
-        return w + torch.linalg.solve(ridge, (w @ (cross - gram)).T).T  # (G + λI) symmetric: right-solve
+        mix = self._compensation(damp)
+        return w if mix is None else w @ mix
+
+    def _compensation(self, damp: float) -> torch.Tensor | None:
+        """I + (C − G)(G + λI)⁻¹, made once per statistics object (q, k and v share it), or None where both
+        streams agree (the first block) or there are no cross statistics."""
+        cache = self.__dict__.setdefault("_compensation_cache", {})
+        if damp not in cache:
+            if self.cross is None or torch.equal(self.cross, self.gram):
+                cache[damp] = None
+            else:
+                gram = self.gram.to(torch.float64)
+                eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+                ridge = gram + eye * damp * gram.diagonal().mean()
+                shift = self.cross.to(torch.float64) - gram
+                del gram
+                cache.clear()
+                cache[damp] = eye + torch.linalg.solve(ridge, shift.T).T  # (G + λI) is symmetric
+        return cache[damp]
 
 
 @dataclass

@@ -12,7 +12,9 @@ first r rows/columns give ``W ≈ A[:, :r] B[:r]``:
 - ``asvd``: T = diag(mean|x|)^α, scaling columns by how large their inputs are.
 
 The output error of dropping component i is σᵢ² · bᵢᵀ(XᵀX)bᵢ, and the cross terms vanish because U is
-orthonormal, so ``rel_error(r)`` is exact on the calibration data for every method and every rank.
+orthonormal, so ``rel_error(r)`` is exact on the calibration data for every method and every rank. The whitened
+method never runs an SVD of the weight: its singular vectors come from an eigendecomposition of the smaller of
+(W S)ᵀ(W S) and W·XᵀX·Wᵀ.
 """
 from __future__ import annotations
 
@@ -50,38 +52,71 @@ class LowRankFactors:
         return self.a[:, :rank].to(dtype).contiguous(), self.b[:rank].to(dtype).contiguous()
 
 
-def _whitening(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    evals, evecs = torch.linalg.eigh(gram)
-    floor = max(float(evals.max()), 1e-30) * damp
-    root = evals.clamp_min(floor).sqrt()
-    return evecs * root, (evecs / root).T  # S, S⁻¹ with S Sᵀ = XᵀX (floored)
+def _whitening(stats: LayerStats, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """S, S⁻¹ with S Sᵀ = XᵀX (small eigenvalues floored), made once per statistics object: q, k and v (gate
+    and up) share their input's statistics, and so this eigendecomposition."""
+    cache = stats.__dict__.setdefault("_whitening", {})
+    if damp not in cache:
+        evals, evecs = torch.linalg.eigh(stats.gram.to(torch.float64))
+        floor = max(float(evals.max()), 1e-30) * damp
+        root = evals.clamp_min(floor).sqrt()
+        cache.clear()  # one root per statistics object is kept alive
+        cache[damp] = (evecs * root, (evecs / root).T)
+    return cache[damp]
+
+
+def quadratic(matrix: torch.Tensor, gram: torch.Tensor, rows: int = 2048) -> float:
+    """Σ over rows m of m·G·mᵀ (= ‖X Mᵀ‖² for G = XᵀX) in float64, a block of rows at a time so a wide layer
+    (an LM head) needs no float64 copy of itself."""
+    gram = gram.to(torch.float64)
+    return float(sum(((block.to(torch.float64) @ gram) * block.to(torch.float64)).sum()
+                     for block in matrix.detach().split(rows)))
 
 
 def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None = None, alpha: float = 0.5,
                      damp: float = 1e-6) -> LowRankFactors:
+    if method == "whitened":
+        gram = stats.gram.to(torch.float64)
+        if weight.shape[0] < weight.shape[1]:
+            return _whitened_from_outputs(weight.detach().to(torch.float64), gram)
+        return _whitened_from_inputs(weight.detach(), gram, *_whitening(stats, damp))
     w = weight.detach().to(torch.float64)
-    gram = stats.gram.to(torch.float64) if stats is not None else None  # (float32 statistics: float64 math)
-    if method == "whitened" and w.shape[0] < w.shape[1]:
-        return _whitened_from_outputs(w, gram)
     if method == "svd":
         transform, inverse = None, None
-    elif method == "whitened":
-        transform, inverse = _whitening(gram, damp)
     elif method == "asvd":  # T = diag(s): a column scale, never a dense diagonal matrix
         scale = (stats.mean_abs.clamp_min(1e-8) ** alpha).to(torch.float64)
         transform, inverse = scale, 1.0 / scale
     else:
         raise ValueError(f"unknown factorization method {method!r}")
-    target = w if transform is None else (w * transform if transform.dim() == 1 else w @ transform)
+    target = w if transform is None else w * transform
     u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
     a = u * sigma
-    b = vh if inverse is None else (vh * inverse if inverse.dim() == 1 else vh @ inverse)
-    if gram is None:
+    b = vh if inverse is None else vh * inverse
+    if stats is None:
         component_error = sigma**2 * (b * b).sum(1)
         total = float((w * w).sum())
     else:
+        gram = stats.gram.to(torch.float64)
         component_error = sigma**2 * ((b @ gram) * b).sum(1)
-        total = float(((w @ gram) * w).sum())
+        total = quadratic(w, gram)
+    return LowRankFactors(a, b, component_error, total)
+
+
+def _whitened_from_inputs(w: torch.Tensor, gram: torch.Tensor, root: torch.Tensor, inverse: torch.Tensor,
+                          rows: int = 4096) -> LowRankFactors:
+    """SVD-LLM's truncation for a layer with at least as many outputs as inputs, without an SVD of the out × in
+    matrix W·S: the in × in matrix (W S)ᵀ(W S) = V Σ² Vᵀ gives its right singular vectors and values, then
+    A = W S V (= U Σ) and B = Vᵀ S⁻¹. An eigendecomposition of in × in and three products, instead of a full SVD
+    of out × in (five times the work for an LM head); W S is formed a block of rows at a time, in float64, so
+    no float64 copy of W or of W S is held beside A."""
+    total = quadratic(w, gram, rows)
+    kernel = sum((block.to(torch.float64) @ root).T @ (block.to(torch.float64) @ root) for block in w.split(rows))
+    evals, evecs = torch.linalg.eigh(kernel)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    mixed = root @ evecs  # A = W (S V), a block of rows at a time
+    a = torch.cat([block.to(torch.float64) @ mixed for block in w.split(rows)])
+    b = evecs.T @ inverse
+    component_error = evals * ((b @ gram) * b).sum(1)
     return LowRankFactors(a, b, component_error, total)
 
 

@@ -162,7 +162,7 @@ class NMSparsity(Pass):
         layout, why = self._choose_layout()
         note = {"nm": f"{n}:{m}", "layout": layout}
         # without data the weights' own relative error stands in for the output's
-        error = output_error((pruned - weight).double(), weight.double(), layer_stats)
+        error = output_error(pruned - weight, weight, layer_stats)
         if layer_stats is not None:
             note["pred_err"] = round(error, 4)
         ctx.layer_errors[origin] = error

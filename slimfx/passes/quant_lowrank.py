@@ -221,9 +221,9 @@ def output_error(error: torch.Tensor, weight: torch.Tensor, stats: LayerStats | 
     """||X Eᵀ|| / ||X Wᵀ|| on the calibration data, or ||E|| / ||W|| without it."""
     if stats is None:
         return float(error.norm() / weight.norm().clamp_min(1e-30))
-    gram = stats.gram.to(torch.float64)
-    total = float(((weight @ gram) * weight).sum())
-    return (max(float(((error @ gram) * error).sum()), 0.0) / max(total, 1e-30)) ** 0.5
+    from .lowrank import quadratic
+
+    return (max(quadratic(error, stats.gram), 0.0) / max(quadratic(weight, stats.gram), 1e-30)) ** 0.5
 
 
 def quant_candidates(program: Program, node: fx.Node, stats=None, profile=None, bits=(2, 3, 4, 8),

@@ -170,7 +170,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                 pruned, _ = sparsegpt(weight, layer_stats, n, m)
             else:
                 pruned = weight * wanda_mask(weight, layer_stats, n, m)
-            error = output_error((pruned - weight).double(), weight.double(), layer_stats)
+            error = output_error(pruned - weight, weight, layer_stats)
             seconds, kernel, dense_form, stored = _price_nm(uses, weight, n, m, pricing)
             options.append(Option(Sparse(n, m), error, seconds, weight.numel() * itemsize if dense_form else stored,
                                   kernel, pricing.tune == "measure"))

@@ -47,7 +47,7 @@ class PeakMemory:
 
 
 @contextmanager
-def phase(name: str, memory: PeakMemory, model_bytes: int, rows: list):
+def phase(name: str, memory: PeakMemory, model_bytes: int | None, rows: list):
     gc.collect()
     before = memory.reset()
     start = time.perf_counter()
@@ -55,10 +55,10 @@ def phase(name: str, memory: PeakMemory, model_bytes: int, rows: list):
     seconds = time.perf_counter() - start
     time.sleep(0.05)
     peak = max(memory.peak, rss_bytes())
-    growth = (peak - before) / model_bytes
+    growth = f"{(peak - before) / model_bytes:.2f}x the fp32 model" if model_bytes else "-"
     rows.append((name, seconds, before, peak, growth))
     print(f"{name:<48} {seconds:8.1f} s   RSS before {before / 2**30:6.2f} GiB   peak {peak / 2**30:6.2f} GiB   "
-          f"growth {growth:5.2f}x the fp32 model", flush=True)
+          f"growth {growth}", flush=True)
 
 
 def build(layers: int):
@@ -86,7 +86,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Llama shape 2048/5632, {args.layers} layers")
     memory, rows = PeakMemory(), []
     model = None
-    with phase("build the model (random weights)", memory, 1, rows):
+    with phase("build the model (random weights)", memory, None, rows):
         model = build(args.layers)
     params = sum(p.numel() for p in model.parameters())
     model_bytes = params * 4
@@ -105,9 +105,9 @@ def main() -> None:
         print("  " + "\n  ".join(n for n in result.report.notes if "calibrated" in n))
         del result
         gc.collect()
-    print("\nphase | wall s | RSS before GiB | peak GiB | growth x fp32 model")
+    print("\nphase | wall s | RSS before GiB | peak GiB | peak growth")
     for name, seconds, before, peak, growth in rows:
-        print(f"{name} | {seconds:.1f} | {before / 2**30:.2f} | {peak / 2**30:.2f} | {growth:.2f}")
+        print(f"{name} | {seconds:.1f} | {before / 2**30:.2f} | {peak / 2**30:.2f} | {growth}")
 
 
 if __name__ == "__main__":

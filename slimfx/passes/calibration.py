@@ -43,16 +43,21 @@ class LayerStats:
                 self.cross = torch.zeros_like(self.gram)
             self.cross += original.detach().to(self.gram.dtype).T @ rows
 
-    def compensate(self, weight: torch.Tensor, damp: float = 0.1) -> torch.Tensor:
+    def compensate(self, weight: torch.Tensor, damp: float = 0.1, rows_per_block: int = 4096) -> torch.Tensor:
         """The weight that, applied to the compressed model's inputs, best reproduces what ``weight`` computes on
         the original inputs: argmin ‖W X_o − W' X_c‖² = W + W (C − G)(G + λI)⁻¹ (C = X_oᵀX_c, G = X_cᵀX_c, λ a
-        ``damp`` fraction of G's mean diagonal), in float64. Unchanged where both inputs agree (C = G) and in
+        ``damp`` fraction of G's mean diagonal). Unchanged where both inputs agree (C = G) and in
         directions the calibration data does not reach, so a compressing method then fits the layer to the inputs
         it will actually see without chasing the errors of the blocks before (GPTAQ-style asymmetric calibration).
-        Without cross statistics (one-shot) the weight itself."""
-        w = weight.detach().to(torch.float64)
+        Without cross statistics (one-shot) the weight itself. In the weight's dtype, at least float32."""
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
         mix = self._compensation(damp)
-        return w if mix is None else w @ mix
+        if mix is None:
+            return weight.detach().to(dtype)
+        mix, out = mix.to(dtype), torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        for rows, block in zip(out.split(rows_per_block), weight.detach().split(rows_per_block)):
+            torch.matmul(block.to(dtype), mix, out=rows)  # a block of rows at a time: no second copy of W
+        return out
 
     def _compensation(self, damp: float) -> torch.Tensor | None:
         """I + (C − G)(G + λI)⁻¹, made once per statistics object (q, k and v share it), or None where both
@@ -61,14 +66,17 @@ class LayerStats:
         if damp not in cache:
             if self.cross is None or torch.equal(self.cross, self.gram):
                 cache[damp] = None
-            else:
-                gram = self.gram.to(torch.float64)
-                eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-                ridge = gram + eye * damp * gram.diagonal().mean()
-                shift = self.cross.to(torch.float64) - gram
-                del gram
+            else:  # in the statistics' dtype: the ridge keeps G + λI well conditioned, float32 suffices
                 cache.clear()
-                cache[damp] = eye + torch.linalg.solve(ridge, shift.T).T  # (G + λI) is symmetric
+                shift = self.cross - self.gram
+                ridge = self.gram.clone()
+                ridge.diagonal().add_(damp * float(self.gram.diagonal().mean()))
+                factor = torch.linalg.cholesky(ridge)
+                del ridge
+                mix = torch.cholesky_solve(shift.T.contiguous(), factor).T  # (C − G)(G + λI)⁻¹
+                del factor, shift
+                mix.diagonal().add_(1.0)
+                cache[damp] = mix
         return cache[damp]
 
 

@@ -7,7 +7,7 @@ first r rows/columns give ``W ≈ A[:, :r] B[:r]``:
 - ``whitened`` (SVD-LLM): T = S with S Sᵀ = XᵀX, so truncation minimises the *output* error ||X(W - W_r)ᵀ||;
   S is the symmetric square root from an eigendecomposition (any square root gives the same truncation as
   SVD-LLM's Cholesky factor) with small eigenvalues floored, which handles rank-deficient XᵀX. Where the layer
-  has fewer outputs than inputs, the same truncation comes from the out × out matrix W·XᵀX·Wᵀ instead
+  has no more outputs than inputs, the same truncation comes from the out × out matrix W·XᵀX·Wᵀ instead
   (``_whitened_from_outputs``), without S;
 - ``asvd``: T = diag(mean|x|)^α, scaling columns by how large their inputs are.
 
@@ -77,7 +77,7 @@ def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None
                      damp: float = 1e-6) -> LowRankFactors:
     if method == "whitened":
         gram = stats.gram.to(torch.float64)
-        if weight.shape[0] < weight.shape[1]:
+        if weight.shape[0] <= weight.shape[1]:  # (square too: one eigendecomposition instead of two)
             return _whitened_from_outputs(weight.detach().to(torch.float64), gram)
         return _whitened_from_inputs(weight.detach(), gram, *_whitening(stats, damp))
     w = weight.detach().to(torch.float64)
@@ -109,12 +109,14 @@ def _whitened_from_inputs(w: torch.Tensor, gram: torch.Tensor, root: torch.Tenso
     A = W S V (= U Σ) and B = Vᵀ S⁻¹. An eigendecomposition of in × in and three products, instead of a full SVD
     of out × in (five times the work for an LM head); W S is formed a block of rows at a time, in float64, so
     no float64 copy of W or of W S is held beside A."""
-    total = quadratic(w, gram, rows)
     kernel = sum((block.to(torch.float64) @ root).T @ (block.to(torch.float64) @ root) for block in w.split(rows))
+    total = float(kernel.trace())  # ‖W S‖² = ‖X Wᵀ‖² (to the floor on XᵀX's smallest eigenvalues)
     evals, evecs = torch.linalg.eigh(kernel)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    mixed = root @ evecs  # A = W (S V), a block of rows at a time
-    a = torch.cat([block.to(torch.float64) @ mixed for block in w.split(rows)])
+    mixed = root @ evecs  # A = W (S V), a block of rows at a time, kept in the weight's precision (>= float32)
+    a = torch.empty(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+    for out, block in zip(a.split(rows), w.split(rows)):
+        out.copy_(block.to(torch.float64) @ mixed)
     b = evecs.T @ inverse
     component_error = evals * ((b @ gram) * b).sum(1)
     return LowRankFactors(a, b, component_error, total)

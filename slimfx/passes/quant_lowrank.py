@@ -146,7 +146,7 @@ class QuantLowRank(Pass):
     # -- the decomposition --------------------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, stats: LayerStats | None, bits: int, group: int,
                  rank: int) -> QuantizedWeight:
-        w = stats.compensate(weight) if stats is not None else weight.detach().to(torch.float64)
+        w = (stats.compensate(weight) if stats is not None else weight.detach()).to(torch.float64)
         codes, params = self._quantize(w, stats, bits, group)
         a = b = None
         if rank > 0 and self.correction != "none":

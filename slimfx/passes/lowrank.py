@@ -12,9 +12,10 @@ first r rows/columns give ``W ≈ A[:, :r] B[:r]``:
 - ``asvd``: T = diag(mean|x|)^α, scaling columns by how large their inputs are.
 
 The output error of dropping component i is σᵢ² · bᵢᵀ(XᵀX)bᵢ, and the cross terms vanish because U is
-orthonormal, so ``rel_error(r)`` is exact on the calibration data for every method and every rank. The whitened
-method never runs an SVD of the weight: its singular vectors come from an eigendecomposition of the smaller of
-(W S)ᵀ(W S) and W·XᵀX·Wᵀ.
+orthonormal, so ``rel_error(r)`` is exact on the calibration data for every method and every rank (to the
+rounding of the products: the whitened method's run in the statistics' dtype, float32 unless float64 statistics
+were asked for). The whitened method never runs an SVD of the weight: its singular vectors come from an
+eigendecomposition of the smaller of (W S)ᵀ(W S) and W·XᵀX·Wᵀ.
 """
 from __future__ import annotations
 
@@ -76,10 +77,12 @@ def quadratic(matrix: torch.Tensor, gram: torch.Tensor, rows: int = 2048) -> flo
 def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None = None, alpha: float = 0.5,
                      damp: float = 1e-6) -> LowRankFactors:
     if method == "whitened":
-        gram = stats.gram.to(torch.float64)
+        # products in the statistics' precision (float32 by default, float64 when asked), decompositions in float64
+        dtype = torch.promote_types(torch.promote_types(weight.dtype, stats.gram.dtype), torch.float32)
         if weight.shape[0] <= weight.shape[1]:  # (square too: one eigendecomposition instead of two)
-            return _whitened_from_outputs(weight.detach().to(torch.float64), gram)
-        return _whitened_from_inputs(weight.detach(), gram, *_whitening(stats, damp))
+            return _whitened_from_outputs(weight.detach().to(dtype), stats.gram.to(dtype))
+        return _whitened_from_inputs(weight.detach(), stats.gram.to(torch.float64), *_whitening(stats, damp),
+                                     dtype=dtype)
     w = weight.detach().to(torch.float64)
     if method == "svd":
         transform, inverse = None, None
@@ -103,35 +106,38 @@ def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None
 
 
 def _whitened_from_inputs(w: torch.Tensor, gram: torch.Tensor, root: torch.Tensor, inverse: torch.Tensor,
-                          rows: int = 4096) -> LowRankFactors:
-    """SVD-LLM's truncation for a layer with at least as many outputs as inputs, without an SVD of the out × in
-    matrix W·S: the in × in matrix (W S)ᵀ(W S) = V Σ² Vᵀ gives its right singular vectors and values, then
-    A = W S V (= U Σ) and B = Vᵀ S⁻¹. An eigendecomposition of in × in and three products, instead of a full SVD
-    of out × in (five times the work for an LM head); W S is formed a block of rows at a time, in float64, so
-    no float64 copy of W or of W S is held beside A."""
-    kernel = sum((block.to(torch.float64) @ root).T @ (block.to(torch.float64) @ root) for block in w.split(rows))
+                          dtype: torch.dtype = torch.float64, rows: int = 4096) -> LowRankFactors:
+    """SVD-LLM's truncation for a layer with more outputs than inputs, without an SVD of the out × in matrix W·S:
+    the in × in matrix (W S)ᵀ(W S) = V Σ² Vᵀ gives its right singular vectors and values, then A = W S V (= U Σ)
+    and B = Vᵀ S⁻¹. An eigendecomposition of in × in and three products, instead of a full SVD of out × in (five
+    times the work for an LM head). The products run in ``dtype`` a block of rows at a time, so no float64 copy of
+    W or of W S is held beside A; the eigendecompositions in float64."""
+    root_d = root.to(dtype)
+    kernel = sum((block.to(dtype) @ root_d).T @ (block.to(dtype) @ root_d) for block in w.split(rows))
+    kernel = kernel.to(torch.float64)
     total = float(kernel.trace())  # ‖W S‖² = ‖X Wᵀ‖² (to the floor on XᵀX's smallest eigenvalues)
     evals, evecs = torch.linalg.eigh(kernel)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    mixed = root @ evecs  # A = W (S V), a block of rows at a time, kept in the weight's precision (>= float32)
-    a = torch.empty(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+    mixed = (root @ evecs).to(dtype)  # A = W (S V), a block of rows at a time
+    a = torch.empty(w.shape, dtype=dtype, device=w.device)
     for out, block in zip(a.split(rows), w.split(rows)):
-        out.copy_(block.to(torch.float64) @ mixed)
+        torch.matmul(block.to(dtype), mixed, out=out)
     b = evecs.T @ inverse
     component_error = evals * ((b @ gram) * b).sum(1)
     return LowRankFactors(a, b, component_error, total)
 
 
 def _whitened_from_outputs(w: torch.Tensor, gram: torch.Tensor) -> LowRankFactors:
-    """Whitened factorization through the smaller, output side: W·XᵀX·Wᵀ = U Λ Uᵀ (out × out) gives the left
-    singular vectors and values of W·S for any S with S Sᵀ = XᵀX, so truncating to A = U_r, B = U_rᵀ W is the
-    SVD-LLM truncation, with the exact output error Σ_{i≥r} λᵢ, and neither S nor its inverse is formed. For a
-    layer wider in than out (an MLP's down projection) that is an eigendecomposition of out × out instead of
-    in × in, and A has orthonormal columns (no small factor to overflow in half precision)."""
-    projected = w @ gram @ w.T
+    """Whitened factorization through the output side: W·XᵀX·Wᵀ = U Λ Uᵀ (out × out) gives the left singular
+    vectors and values of W·S for any S with S Sᵀ = XᵀX, so truncating to A = U_r, B = U_rᵀ W is the SVD-LLM
+    truncation, with the exact output error Σ_{i≥r} λᵢ, and neither S nor its inverse is formed. For a layer
+    wider in than out (an MLP's down projection) that is an eigendecomposition of out × out instead of in × in,
+    and A has orthonormal columns (no small factor to overflow in half precision). Products in ``w``'s dtype,
+    the eigendecomposition in float64."""
+    projected = ((w @ gram) @ w.T).to(torch.float64)
     evals, evecs = torch.linalg.eigh((projected + projected.T) / 2)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    return LowRankFactors(evecs, evecs.T @ w, evals, float(evals.sum()))
+    return LowRankFactors(evecs, evecs.T.to(w.dtype) @ w, evals, float(evals.sum()))
 
 
 def spatial_factors(weight: torch.Tensor) -> tuple[LowRankFactors, tuple[int, ...]]:

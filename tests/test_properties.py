@@ -53,7 +53,7 @@ def conv_stacks(draw):
                                                                  dtype=dtype)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_stacks())
 def test_fold_bn_and_dead_code_stay_exact_on_random_stacks(case):
     model, x = case

@@ -122,30 +122,39 @@ class _Collector(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if is_input_guard(n):
             return None  # export's shape guard: calibration batches may be larger than the example (e.g. batch 1)
-        op = weighted_op(n)
-        if op is not None and self.program.is_weight(n.args[1]):
-            x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
-            origin = self.program.weights[n.args[1].target].origin
-            if isinstance(x, torch.Tensor):
-                rows = op.rows(n, x)
-                if rows is not None:
-                    key = (origin, rows.shape[1])
-                    # layers reading one input the same way (q/k/v, gate/up) share one statistics object
-                    same_input = (n.args[0], op.rows, rows.shape[1]) if op.rows is _SHARED_ROWS else None
-                    if key not in self.stats.layers:
-                        shared = self.shared.get(same_input) if same_input is not None else None
-                        if shared is None:
-                            width = rows.shape[1]
-                            zeros = torch.zeros(width, dtype=self.stats.dtype, device=rows.device)  # with the activations
-                            shared = LayerStats(zeros.new_zeros(width, width), zeros)
-                            if same_input is not None:
-                                self.shared[same_input] = shared
-                        self.stats.layers[key] = shared
-                    stats = self.stats.layers[key]
-                    if id(stats) not in self.added:  # once per batch, however many layers share it
-                        stats.add(rows, self.original_rows.get(key) if self.original_rows is not None else None)
-                        self.added.add(id(stats))
+        found = layer_rows(self.program, n, self.env)
+        if found is not None:
+            key, rows = found
+            op = weighted_op(n)
+            # layers reading one input the same way (q/k/v, gate/up) share one statistics object
+            same_input = (n.args[0], op.rows, rows.shape[1]) if op.rows is _SHARED_ROWS else None
+            if key not in self.stats.layers:
+                shared = self.shared.get(same_input) if same_input is not None else None
+                if shared is None:
+                    width = rows.shape[1]
+                    zeros = torch.zeros(width, dtype=self.stats.dtype, device=rows.device)  # with the activations
+                    shared = LayerStats(zeros.new_zeros(width, width), zeros)
+                    if same_input is not None:
+                        self.shared[same_input] = shared
+                self.stats.layers[key] = shared
+            stats = self.stats.layers[key]
+            if id(stats) not in self.added:  # once per batch, however many layers share it
+                stats.add(rows, self.original_rows.get(key) if self.original_rows is not None else None)
+                self.added.add(id(stats))
         return super().run_node(n)
+
+
+def layer_rows(program: Program, node: fx.Node, env: dict) -> tuple[tuple[str, int], torch.Tensor] | None:
+    """((weight origin, input width), the input rows) of a layer with a constant weight whose input is in
+    ``env``; None for any other node."""
+    op = weighted_op(node)
+    if op is None or not program.is_weight(node.args[1]):
+        return None
+    x = env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    rows = op.rows(node, x) if isinstance(x, torch.Tensor) else None
+    if rows is None:
+        return None
+    return (program.weights[node.args[1].target].origin, rows.shape[1]), rows
 
 
 CALIBRATION_FORM = ("an iterable of batches, each a full set of model inputs: a tuple of positional inputs or a "

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..ir.op_table import DENSE_LAYERS, weighted_op
+from ..ir.op_table import DENSE_LAYERS
 from ..ir.program import Program, is_input_guard
 from ..progress import progress
 from .base import Pass, PassContext
-from .calibration import ActivationStats, _Collector, calibration_inputs, warn_if_thin
+from .calibration import ActivationStats, _Collector, calibration_inputs, layer_rows, warn_if_thin
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -115,12 +115,9 @@ class _Runner(fx.Interpreter):
         return env
 
     def _record(self, node: fx.Node, env: dict) -> None:
-        op = weighted_op(node)
-        if op is None or not self.program.is_weight(node.args[1]) or not isinstance(env.get(node.args[0]), torch.Tensor):
-            return
-        rows = op.rows(node, env[node.args[0]])
-        if rows is not None:
-            self.rows.setdefault((self.program.weights[node.args[1].target].origin, rows.shape[1]), rows)
+        found = layer_rows(self.program, node, env)
+        if found is not None:
+            self.rows.setdefault(*found)
 
 
 def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter:

@@ -33,9 +33,6 @@ class Item:
     overrides: Callable[[], dict] = field(repr=False)  # fx node -> its altered run, to score without rewriting
     blocks: tuple[Block, ...] = ()  # the merged blocks (global layer indices of the DepthShrink layout)
 
-    def cost(self, resource: str) -> float:
-        return self.bytes if resource == "memory" else self.latency_s
-
 
 def layer_items(layer: LayerOptions, sensitivity: float) -> list[Item]:
     return [Item(o.latency_s, o.bytes, sensitivity * o.error ** 2, {layer.layer: o}, _weight_override(layer, o))

@@ -62,6 +62,16 @@ def test_segments_of_a_default_llama_are_its_decoder_layers_and_each_is_compress
     assert torch.isfinite(result(ids).logits).all()
 
 
+def test_gpt2s_conv1d_layers_keep_their_blocks_through_canonicalization():
+    """HF GPT-2 runs its linears as addmm (Conv1D); canonicalized to linear they still name their block."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    segments = find_segments(capture(model, (torch.randint(0, 128, (1, 16)),)))
+    assert not isinstance(segments, str), segments
+    assert segments.container == "transformer.h" and segments.blocks == 2
+
+
 def test_without_repeated_blocks_it_calibrates_one_shot_and_says_so(digits_cnn):
     model, data = digits_cnn
     cal = [(data.train_x[i : i + 128],) for i in range(0, 512, 128)]

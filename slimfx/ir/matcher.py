@@ -53,6 +53,8 @@ class Matcher:
                     continue
                 if replacement is not node:
                     replacement.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
+                    if "nn_module_stack" in node.meta:  # which module it came from (sequential calibration's blocks)
+                        replacement.meta.setdefault("nn_module_stack", node.meta["nn_module_stack"])
                     if "val" in node.meta:  # same value by contract: later rules in this sweep may read it
                         replacement.meta.setdefault("val", node.meta["val"])
                     node.replace_all_uses_with(replacement)

@@ -205,3 +205,40 @@ def test_permutation_is_folded_exactly_and_keeps_more_saliency(digits_mlp):
     result = compress_canonical(model, (x,), calibration=calibration(data, 2), pipeline="nm{method=magnitude,permute=true}")
     assert result.report.rewrites("nm") == {"permuted": 2, "compressed": 3}
     assert all(satisfies_pattern(w, 2, 4) for w, _, _ in pruned_weights(result.program))
+
+
+def _textbook_sparsegpt(weight, gram, rows, n, m, damp=0.01):
+    """SparseGPT as the paper writes it, one column at a time on W, no blocks: the reference for the fast one."""
+    w = weight.clone()
+    hessian = gram / rows
+    hessian += torch.eye(len(hessian), dtype=hessian.dtype) * damp * hessian.diagonal().mean()
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    for j in range(w.shape[1]):
+        if j % m == 0:
+            saliency = w[:, j : j + m] ** 2 / hinv.diagonal()[j : j + m] ** 2
+            keep[:, j : j + m].scatter_(1, saliency.topk(n, dim=1).indices, True)
+        err = torch.where(keep[:, j], 0.0, w[:, j]) / hinv[j, j]
+        w[:, j:] -= err[:, None] * hinv[j, j:][None]
+    return torch.where(keep, w, 0.0), keep
+
+
+def test_sparsegpt_equals_the_textbook_column_loop_and_shares_one_inverse_per_input(monkeypatch):
+    from slimfx.passes.calibration import LayerStats
+    from slimfx.passes.nm_masks import sparsegpt
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)
+    stats = LayerStats(x.T @ x, x.abs().sum(0), 300)
+    inverses = []
+    monkeypatch.setattr(torch, "cholesky_inverse", lambda *a, **k: inverses.append(1) or _cholesky_inverse(*a, **k))
+    for out_f in (24, 56):  # two layers reading one input (as q and k do): one inverse between them
+        weight = torch.randn(out_f, 40, dtype=torch.float64)
+        fast, fast_keep = sparsegpt(weight, stats, 2, 4, block=8)  # blocks of 8: the lazy updates are exercised
+        slow, slow_keep = _textbook_sparsegpt(weight, stats.gram, stats.rows, 2, 4)
+        assert torch.equal(fast_keep, slow_keep)
+        torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
+    assert len(inverses) == 1 + 2  # the layers' shared one, and the textbook's two
+
+
+_cholesky_inverse = torch.cholesky_inverse

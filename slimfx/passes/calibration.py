@@ -59,6 +59,30 @@ class LayerStats:
             torch.matmul(block.to(dtype), mix, out=rows)  # a block of rows at a time: no second copy of W
         return out
 
+    def inverse_hessian(self, damp: float, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, dead, order) for the OBS solvers (SparseGPT, GPTQ): U the upper Cholesky factor of H⁻¹ with
+        H = XᵀX/rows + λI over the input features taken in ``order`` (largest diagonal first when ``act_order``),
+        λ a ``damp`` fraction of the mean diagonal; ``dead`` the features no calibration row reached. In the
+        statistics' dtype (at least float32), as the reference implementations do, and made once per statistics
+        object: q, k and v (gate and up) share it."""
+        cache = self.__dict__.setdefault("_inverse_hessian", {})
+        key = (damp, act_order)
+        if key not in cache:
+            cache.clear()  # one factor per statistics object is kept alive
+            dtype = torch.promote_types(self.gram.dtype, torch.float32)
+            hessian = self.gram.to(dtype) / max(self.rows, 1)  # a new tensor: the statistics stay as they are
+            dead = hessian.diagonal() == 0
+            hessian.diagonal()[dead] = 1.0
+            hessian.diagonal().add_(damp * float(hessian.diagonal().mean()))
+            order = torch.argsort(hessian.diagonal(), descending=True) if act_order else \
+                torch.arange(hessian.shape[0], device=hessian.device)
+            if act_order:
+                hessian = hessian[order][:, order]
+            factor = torch.linalg.cholesky(hessian)
+            del hessian
+            cache[key] = (torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True), dead, order)
+        return cache[key]
+
     def _compensation(self, damp: float) -> torch.Tensor | None:
         """I + (C − G)(G + λI)⁻¹, made once per statistics object (q, k and v share it), or None where both
         streams agree (the first block) or there are no cross statistics."""

@@ -67,11 +67,15 @@ def _whitening(stats: LayerStats, damp: float) -> tuple[torch.Tensor, torch.Tens
 
 
 def quadratic(matrix: torch.Tensor, gram: torch.Tensor, rows: int = 2048) -> float:
-    """Σ over rows m of m·G·mᵀ (= ‖X Mᵀ‖² for G = XᵀX) in float64, a block of rows at a time so a wide layer
-    (an LM head) needs no float64 copy of itself."""
-    gram = gram.to(torch.float64)
-    return float(sum(((block.to(torch.float64) @ gram) * block.to(torch.float64)).sum()
-                     for block in matrix.detach().split(rows)))
+    """Σ over rows m of m·G·mᵀ (= ‖X Mᵀ‖² for G = XᵀX): products in the statistics' dtype (at least float32),
+    each block's sum in float64; a block of rows at a time, so a wide layer (an LM head) needs no second copy."""
+    dtype = torch.promote_types(gram.dtype, torch.float32)
+    gram = gram.to(dtype)
+    total = 0.0
+    for block in matrix.detach().split(rows):
+        block = block.to(dtype)
+        total += float(((block @ gram) * block).sum(dtype=torch.float64))
+    return total
 
 
 def factorize_matrix(weight: torch.Tensor, method: str, stats: LayerStats | None = None, alpha: float = 0.5,

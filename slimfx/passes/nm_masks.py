@@ -33,34 +33,29 @@ def wanda_mask(weight: torch.Tensor, stats: LayerStats, n: int, m: int) -> torch
 
 def sparsegpt(weight: torch.Tensor, stats: LayerStats, n: int, m: int, block: int = 128,
               damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (updated weight with pruned entries exactly zero, keep-mask)."""
-    w = weight.detach().to(torch.float64).clone()
-    out_f, in_f = w.shape
-    hessian = stats.gram.to(torch.float64) / max(stats.rows, 1)
-    dead = hessian.diagonal() == 0
-    hessian[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    hessian += torch.eye(in_f, dtype=torch.float64, device=hessian.device) * damp * hessian.diagonal().mean()
+    """Returns (updated weight with pruned entries exactly zero, keep-mask). In the statistics' dtype.
+
+    Works on Wᵀ, so a column of W is a contiguous row: each OBS step is one in-place rank-1 update (BLAS ger)
+    over the block's remaining rows, and the lazy update after a block one in-place matmul."""
     # upper Cholesky factor of H⁻¹: row i holds the coefficients of the OBS update for column i
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    keep = torch.zeros(out_f, in_f, dtype=torch.bool, device=w.device)
+    hinv, dead, _ = stats.inverse_hessian(damp)
+    wt = weight.detach().to(hinv.dtype).T.contiguous()  # [in, out]
+    in_f, out_f = wt.shape
+    wt[dead] = 0.0
+    keep = torch.zeros(in_f, out_f, dtype=torch.bool, device=wt.device)
     block = max(m, block - block % m)
     for start in range(0, in_f, block):
         end = min(start + block, in_f)
-        w_block = w[:, start:end].clone()
-        err_block = torch.zeros_like(w_block)
-        hinv_block = hinv[start:end, start:end]
+        w_block, hinv_block = wt[start:end], hinv[start:end, start:end]
+        diagonal, err_block = hinv_block.diagonal(), torch.empty_like(w_block)
         for i in range(end - start):
             if i % m == 0:  # choose the group's survivors by OBS saliency w² / [H⁻¹]_jj²
-                saliency = w_block[:, i : i + m] ** 2 / hinv_block.diagonal()[i : i + m] ** 2
-                keep[:, start + i : start + i + m] = _top_n_mask(saliency, n, m)
-            column = w_block[:, i]
-            pruned = torch.where(keep[:, start + i], column, torch.zeros_like(column))
-            err = (column - pruned) / hinv_block[i, i]
-            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            w_block[:, i] = pruned
-            err_block[:, i] = err
-        w[:, start:end] = w_block
-        w[:, end:] -= err_block @ hinv[start:end, end:]
-    w[~keep] = 0.0
-    return w.to(weight.dtype), keep
+                saliency = w_block[i : i + m] ** 2 / diagonal[i : i + m, None] ** 2
+                keep[start + i : start + i + m].scatter_(0, saliency.topk(n, dim=0).indices, True)
+            row, kept = w_block[i], keep[start + i]
+            err = torch.mul(row, ~kept, out=err_block[i]).div_(hinv_block[i, i])
+            w_block[i:].addr_(hinv_block[i, i:], err, alpha=-1)  # pushes the pruned part onto later columns
+            row.mul_(kept)
+        if end < in_f:
+            wt[end:].addmm_(hinv[start:end, end:].T, err_block, alpha=-1)
+    return wt.T.to(weight.dtype, memory_format=torch.contiguous_format), keep.T.contiguous()

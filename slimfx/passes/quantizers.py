@@ -22,32 +22,26 @@ def rtn(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> tuple[t
 
 def gptq(weight: torch.Tensor, stats: LayerStats, bits: int, group: int, symmetric: bool, block: int = 128,
          damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, GroupParams]:
-    w = weight.detach().to(torch.float64).clone()
-    out_f, in_f = w.shape
+    hinv, _, order = stats.inverse_hessian(damp, act_order)  # in the statistics' dtype, shared per input
+    w = weight.detach().to(hinv.dtype)
+    in_f = w.shape[1]
     params = group_params(w, bits, group, symmetric)
     scales = params.scales.repeat_interleave(group, dim=1)
     zeros = params.zeros.repeat_interleave(group, dim=1)
     levels = 2**bits - 1
-    hessian = stats.gram.to(torch.float64).clone() / max(stats.rows, 1)
-    dead = hessian.diagonal() == 0
-    hessian[dead, dead] = 1.0
-    hessian += torch.eye(in_f, dtype=torch.float64, device=hessian.device) * damp * hessian.diagonal().mean()
-    order = torch.argsort(hessian.diagonal(), descending=True) if act_order else \
-        torch.arange(in_f, device=hessian.device)
-    w, hessian, scales, zeros = w[:, order], hessian[order][:, order], scales[:, order], zeros[:, order]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    codes = torch.zeros_like(w)
+    # on Wᵀ (a column of W a contiguous row): each step one in-place rank-1 update, as in ``sparsegpt``
+    wt, scales, zeros = w.T[order].contiguous(), scales.T[order].contiguous(), zeros.T[order].contiguous()
+    codes = torch.empty_like(wt)
     for start in range(0, in_f, block):
         end = min(start + block, in_f)
-        w_block, err_block = w[:, start:end].clone(), torch.zeros(out_f, end - start, dtype=w.dtype, device=w.device)
-        hinv_block = hinv[start:end, start:end]
+        w_block, hinv_block = wt[start:end], hinv[start:end, start:end]
+        err_block = torch.empty_like(w_block)
         for i in range(end - start):
-            column, s, z = w_block[:, i], scales[:, start + i], zeros[:, start + i]
-            code = (column / s + z).round().clamp(0, levels)
-            codes[:, start + i] = code
-            err = (column - (code - z) * s) / hinv_block[i, i]
-            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            err_block[:, i] = err
-        w[:, end:] -= err_block @ hinv[start:end, end:]  # the lazy update: once per block
-    codes = codes[:, torch.argsort(order)]
+            row, s, z = w_block[i], scales[start + i], zeros[start + i]
+            code = torch.div(row, s, out=codes[start + i]).add_(z).round_().clamp_(0, levels)
+            err = torch.sub(row, (code - z) * s, out=err_block[i]).div_(hinv_block[i, i])
+            w_block[i:].addr_(hinv_block[i, i:], err, alpha=-1)
+        if end < in_f:
+            wt[end:].addmm_(hinv[start:end, end:].T, err_block, alpha=-1)  # the lazy update: once per block
+    codes = codes[torch.argsort(order)].T.contiguous()
     return codes.to(torch.uint8), GroupParams(params.scales.to(weight.dtype), params.zeros.to(weight.dtype))

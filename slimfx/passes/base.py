@@ -34,7 +34,7 @@ class PassContext:
     plans: list = field(default_factory=list)  # the planner's Plans (slimfx.plan.Plan), one per planned graph
     reference: Any = None  # (calibration batches, the original's outputs on them), for passes that need them
     heal_errors: tuple[float, float] | None = None  # output error before and after healing
-    planned_kernels: dict[str, str] = field(default_factory=dict)  # weight origin -> the kernel its plan priced
+    planned_kernels: dict[str, frozenset] = field(default_factory=dict)  # weight origin -> kernels its plan priced
     calibration_mode: str = "sequential"  # data-aware passes: "sequential" (block by block) or "one-shot"
     stats_dtype: Any = None  # what statistics accumulate in (None: float32)
     scope: set[str] | None = None  # while calibrating sequentially: the weight origins of the current block

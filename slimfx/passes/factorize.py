@@ -5,6 +5,8 @@ to r channels plus a 1×1 conv (``conv=channel``) or a k×1 conv plus a 1×k con
 depthwise convs are skipped with a note. The rank comes from ``keep`` (fraction of the layer's parameters),
 ``rank``, ``energy`` (fraction of output energy kept) or a per-layer ``plan``, and is rounded to the profile's
 rank multiple. A layer is only rewritten if the result is smaller, and, given a profile, predicted faster.
+``factor_bits=8`` (or a planned ``(rank, 8)``) stores a linear layer's two factors as int8 codes with a scale per
+row: two ``slimfx.quant_linear`` ops, a quarter of the factors' bytes, at the error of both approximations.
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from ..codegen.lowrank import MAX_RANK
 from ..hw_profiles.cost_model import dense_linear, latency, lowrank_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.op_table import DENSE_LAYERS
-from ..ir.ops import LOWRANK_LINEAR
+from ..ir.ops import LOWRANK_LINEAR, QUANT_LINEAR
+from ..ir.quant_format import pack
 from ..ir.program import CONV2D, LINEAR, Constraint, Program
 from ..progress import progress
 from .base import Pass, PassContext, claim_uses, first_use_of_each_weight, register, replace_each
 from .calibration import require_stats
 from .lowrank import LowRankFactors, factorize_matrix, spatial_factors
+from .quant_lowrank import output_error
+from .quantizers import quantize_factors
 
 
 @dataclass
@@ -54,7 +59,8 @@ class Factorize(Pass):
     alpha: float = 0.5
     damp: float = 1e-6
     exclude: str = ""  # regex on weight names, e.g. "head|embed"
-    plan: Optional[dict] = None  # weight origin -> rank, from the planner: only these layers, exactly these ranks
+    factor_bits: Optional[int] = None  # 8: a linear layer's factors stored as int8 codes, a scale per row
+    plan: Optional[dict] = None  # weight origin -> rank or (rank, factor bits), from the planner: only these layers
 
     def validate(self) -> None:
         given = [k for k in ("keep", "rank", "energy", "plan") if getattr(self, k) is not None]
@@ -68,12 +74,19 @@ class Factorize(Pass):
             raise self.invalid("energy", "must be in (0, 1]: the fraction of output energy to keep")
         if not 0 < self.alpha <= 1:
             raise self.invalid("alpha", "must be in (0, 1]")
+        if self.factor_bits not in (None, 8):
+            raise self.invalid("factor_bits", "must be 8 (int8 factors, a scale per row) or left out (float factors)")
+        for origin, planned in (self.plan or {}).items():
+            if not isinstance(planned, int) and not (isinstance(planned, tuple) and len(planned) == 2
+                                                     and planned[1] in (None, 8)):
+                raise PipelineError(f"factorize: plan gives {origin} {planned!r}; a planned layer takes a rank, or "
+                                    "(rank, factor bits) with factor bits 8 or None")
         self.check_regex("exclude")
 
     # -- choosing ----------------------------------------------------------------------------------------------
     def choose_rank(self, origin: str, factors: LowRankFactors, out_f: int, in_f: int, multiple: int) -> int:
         if self.plan is not None:
-            rank = self.plan[origin]
+            rank = self.planned(origin)[0]
             if rank >= min(out_f, in_f):
                 raise PipelineError(f"factorize: plan gives rank {rank} to {origin}, which is {out_f}x{in_f}: "
                                     f"the rank must be below {min(out_f, in_f)} to shrink it")
@@ -88,6 +101,11 @@ class Factorize(Pass):
         if multiple > 1 and rank >= multiple:
             rank = max(multiple, round(rank / multiple) * multiple)
         return rank
+
+    def planned(self, origin: str) -> tuple[int, Optional[int]]:
+        """(rank, factor bits) the plan gives this layer."""
+        planned = self.plan[origin]
+        return planned if isinstance(planned, tuple) else (planned, self.factor_bits)
 
     @property
     def per_layer_statistics(self) -> bool:
@@ -120,8 +138,8 @@ class Factorize(Pass):
         return counts
 
     def check_counts(self, counts: Counter) -> None:
-        if self.rank is not None and not any(k in counts for k in ("linear", "conv-channel", "conv-spatial")) \
-                and counts.get("skipped-rank-too-large"):
+        rewritten = ("linear", "linear-int-factors", "conv-channel", "conv-spatial")
+        if self.rank is not None and not any(k in counts for k in rewritten) and counts.get("skipped-rank-too-large"):
             raise PipelineError(f"factorize: rank={self.rank} is >= min(out, in) of every layer, so nothing can "
                                 "shrink; use a smaller rank, or keep= for a per-layer fraction")
 
@@ -162,6 +180,9 @@ class Factorize(Pass):
             dense_s, factored_s = self._latencies(node, rank, spatial, ctx.profile, hints)
             if factored_s >= dense_s:
                 return "skipped-slower-on-profile"
+        bits = self.planned(origin)[1] if self.plan is not None else self.factor_bits
+        if bits is not None and not is_conv:
+            return self._rewrite_int(program, uses, origin, factors, rank, bits, matrix, layer_stats, ctx)
         a, b = factors.truncate(rank, weight.dtype)
         note = {"rank": rank, "pred_err": round(factors.rel_error(rank), 4)}
         ctx.layer_errors[origin] = factors.rel_error(rank)
@@ -187,6 +208,35 @@ class Factorize(Pass):
         if not is_conv:
             return "linear"
         return "conv-spatial" if spatial else "conv-channel"
+
+    def _rewrite_int(self, program: Program, uses: list[fx.Node], origin: str, factors: LowRankFactors, rank: int,
+                     bits: int, matrix: torch.Tensor, layer_stats, ctx: PassContext) -> str:
+        """The pair as two quant_linear ops on int codes: x → V (rank outputs) → U (+ bias)."""
+        quantized = quantize_factors(*factors.truncate(rank, torch.float64), bits)
+        error = output_error(quantized.dense() - matrix.detach().to(torch.float64), matrix, layer_stats)
+        ctx.layer_errors[origin] = error
+        dtype = matrix.dtype
+        kept = (Constraint("factorized", self.name, f"rank {rank}"),
+                Constraint("quantized", self.name, f"int{bits} factors, a scale per row"))
+        with program.graph.inserting_before(uses[0]):  # made once, before the first use
+            stored = [[program.add_weight(f"{origin}_{name}_q{bits}", pack(codes, bits), origin, self.name,
+                                          f"{name} of rank {rank}, int{bits} codes", kept),
+                       program.add_weight(f"{origin}_{name}_scales", params.scales.to(dtype), origin, self.name,
+                                          f"{name}'s scale per row", kept),
+                       program.add_weight(f"{origin}_{name}_zeros", params.zeros.to(dtype), origin, self.name,
+                                          f"{name}'s zero points", kept), codes.shape[1]]
+                      for name, (codes, params) in (("V", quantized.v), ("U", quantized.u))]
+
+        def build(use: fx.Node) -> fx.Node:
+            bias = use.args[2] if len(use.args) > 2 else None
+            (v, v_scales, v_zeros, v_width), (u, u_scales, u_zeros, u_width) = stored
+            mid = program.graph.call_function(QUANT_LINEAR, (use.args[0], v, v_scales, v_zeros, None, None, None,
+                                                             None, None, bits, v_width, v_width))
+            return program.graph.call_function(QUANT_LINEAR, (mid, u, u_scales, u_zeros, None, None, None, None,
+                                                              bias, bits, u_width, u_width))
+
+        replace_each(program, uses, build, {"rank": rank, "factor_bits": bits, "pred_err": round(error, 4)})
+        return "linear-int-factors"
 
     @staticmethod
     def _conv_weights(a: torch.Tensor, b: torch.Tensor, rank: int, spatial: bool,

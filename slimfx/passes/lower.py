@@ -69,7 +69,7 @@ class Lower(Pass):
         for node in [n for n in program.graph.nodes if n.op == "call_function" and n.target in COMPRESSED]:
             region = _region(node, claimed)
             origin = _origin(program, node)
-            planned = {ctx.planned_kernels[origin]} if origin in ctx.planned_kernels else set()
+            planned = set(ctx.planned_kernels.get(origin, ()))
             priced, refused, dense = self.rank(program, region, device, profile, hints, keep_storage,
                                                preferred | planned)
             if not priced:

@@ -117,7 +117,7 @@ class PlanPass(Pass):
         ctx.plans.append(plan)
         # lower runs each planned layer on the kernel its plan was priced for (at the workload's sizes, keeping the
         # storage a memory budget counted on), where that kernel applies
-        ctx.planned_kernels.update({k: o.kernel for k, o in plan.layers.items()
+        ctx.planned_kernels.update({k: o.kernels for k, o in plan.layers.items()
                                     if o.decision.technique not in ("dense", "depth")})
         counts: Counter = Counter()
         if planner.blocks:  # merges first: the layers they keep are then rewritten by origin as planned

@@ -9,9 +9,11 @@ are fixed from the original weights ("static groups"), so the packed layout keep
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..ir.quant_format import GroupParams, group_params, quantize_with
+from ..ir.quant_format import GroupParams, dequantize, group_params, quantize_with
 from .calibration import LayerStats
 
 
@@ -45,3 +47,28 @@ def gptq(weight: torch.Tensor, stats: LayerStats, bits: int, group: int, symmetr
             wt[end:].addmm_(hinv[start:end, end:].T, err_block, alpha=-1)  # the lazy update: once per block
     codes = codes[torch.argsort(order)].T.contiguous()
     return codes.to(torch.uint8), GroupParams(params.scales.to(weight.dtype), params.zeros.to(weight.dtype))
+
+
+@dataclass
+class IntFactors:
+    """A low-rank pair W ≈ U·V with both factors as integer codes, one symmetric scale per row (``group`` = the
+    row's width): the combination of ``factorize`` and quantization on one layer."""
+
+    v: tuple[torch.Tensor, GroupParams]  # codes [r, in] and their parameters
+    u: tuple[torch.Tensor, GroupParams]  # codes [out, r]
+    bits: int
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """U·V as the quantized op computes it."""
+        (v_codes, v_params), (u_codes, u_params) = self.v, self.u
+        return dequantize(u_codes, u_params, u_codes.shape[1], dtype) @ dequantize(v_codes, v_params,
+                                                                                     v_codes.shape[1], dtype)
+
+
+def quantize_factors(u: torch.Tensor, v: torch.Tensor, bits: int) -> IntFactors:
+    """Codes for U[out, r]·V[r, in]. Each component's magnitude first moves from U's column into V's row (U·V is
+    unchanged; V's rows have a scale each anyway), so one scale per row of U fits all r of its components instead
+    of the largest singular value's drowning the rest."""
+    magnitude = u.abs().amax(0).clamp_min(1e-30)
+    u, v = u / magnitude, v * magnitude[:, None]
+    return IntFactors(rtn(v, bits, v.shape[1], True), rtn(u, bits, u.shape[1], True), bits)

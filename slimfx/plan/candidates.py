@@ -32,6 +32,7 @@ from ..passes.lower import Lower, _measured
 from ..passes.lowrank import factorize_matrix
 from ..passes.nm_masks import sparsegpt, wanda_mask
 from ..passes.quant_lowrank import QuantLowRank, output_error, quant_candidates
+from ..passes.quantizers import quantize_factors
 from ..progress import progress
 from .options import Decision, Dense, LayerOptions, LowRank, Option, Quant, Sparse
 
@@ -48,6 +49,7 @@ class Grid:
     groups: tuple[int, ...] = (32, 64, 128)
     ranks: tuple[int, ...] = (0, 8, 16, 32)  # quantization error corrections
     correction: str = "eora"
+    factor_bits: tuple[int, ...] = (8,)  # low-rank factors as int codes (with "lowrank" and "quant" both on)
 
 
 @dataclass
@@ -161,6 +163,14 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
             options.append(Option(LowRank(rank), factors.rel_error(rank), seconds, stored, kernel,
                                   pricing.tune == "measure" and not is_conv))
             approximations[LowRank(rank)] = (lambda r=rank: _product(factors, r))
+            for bits in grid.factor_bits if "quant" in grid.techniques and not is_conv else ():
+                product = quantize_factors(*factors.truncate(rank, torch.float64), bits).dense()
+                error = output_error(product - matrix.to(torch.float64), matrix, layer_stats)
+                seconds, kernel, dense_form, stored = _price_int_lowrank(uses, weight, rank, bits, pricing)
+                options.append(Option(LowRank(rank, bits), error, seconds,
+                                      rank * (out_f + in_f) * itemsize if dense_form else stored, kernel,
+                                      pricing.tune == "measure"))
+                approximations[LowRank(rank, bits)] = (lambda p=product: p)
 
     if "nm" in grid.techniques and not is_conv:
         for n, m in grid.patterns:
@@ -218,11 +228,13 @@ def _dequantized(weight: torch.Tensor, layer_stats, decision: Quant, correction:
 
 # -- trial graphs: the compressed op alone, on zero weights of the right shapes -------------------------------------
 
-def _trial(use: fx.Node, build: Callable[[fx.Graph, fx.Node, Callable], tuple],
-           pricing: Pricing) -> tuple[Program, fx.Node]:
+def _trial(use: fx.Node, build: Callable[[fx.Graph, fx.Node, Callable], tuple], pricing: Pricing,
+           in_width: int | None = None, out_width: int | None = None) -> tuple[Program, fx.Node]:
+    """``use``'s input and output sizes, the last dimensions replaced by ``in_width``/``out_width`` if given (one
+    stage of a layer split in two)."""
     graph, holder, weights = fx.Graph(), torch.nn.Module(), {}
     x = graph.placeholder("x")
-    x.meta = {"val": pricing.concrete_like(use.args[0].meta["val"])}
+    x.meta = {"val": _width(pricing.concrete_like(use.args[0].meta["val"]), in_width)}
 
     def weight(value: torch.Tensor | None) -> fx.Node | None:
         if value is None:
@@ -236,9 +248,13 @@ def _trial(use: fx.Node, build: Callable[[fx.Graph, fx.Node, Callable], tuple],
 
     op, args = build(graph, x, weight)
     node = graph.call_function(op, tuple(args))
-    node.meta["val"] = pricing.concrete_like(use.meta["val"])
+    node.meta["val"] = _width(pricing.concrete_like(use.meta["val"]), out_width)
     graph.output(node)
     return Program(fx.GraphModule(holder, graph), weights, ()), node
+
+
+def _width(value: torch.Tensor, width: int | None) -> torch.Tensor:
+    return value if width is None else value.new_empty((*value.shape[:-1], width))
 
 
 def _bias(use: fx.Node, weight: torch.Tensor) -> torch.Tensor | None:
@@ -292,3 +308,26 @@ def _price_quant(uses: list, weight: torch.Tensor, bits: int, group: int, rank: 
         trial, node = _trial(use, build, pricing)
         return pricing.lowered(trial, node)
     return _sum_over_uses(uses, price)
+
+
+def _price_int_lowrank(uses: list, weight: torch.Tensor, rank: int, bits: int, pricing: Pricing):
+    """A factorized layer with int factors as ``factorize`` writes it: x → quant_linear(V) → quant_linear(U)."""
+    out_f, in_f = weight.shape
+    like = dict(dtype=weight.dtype, device=weight.device)
+
+    def stage(use: fx.Node, rows: int, width: int, bias, first: bool):
+        packed = pack(torch.zeros(rows, width, dtype=torch.uint8, device=weight.device), bits)
+        scales = torch.ones(rows, 1, **like)
+        trial, node = _trial(use, lambda g, x, w: (QUANT_LINEAR, (x, w(packed), w(scales), w(torch.zeros_like(scales)),
+                                                                 None, None, None, None, w(bias), bits, width, width)),
+                             pricing, None if first else rank, rank if first else None)
+        return pricing.lowered(trial, node)
+
+    def price(use: fx.Node):
+        first_s, first_kernel, first_dense = stage(use, rank, in_f, None, True)
+        second_s, second_kernel, second_dense = stage(use, out_f, rank, _bias(use, weight), False)
+        kernel = first_kernel if first_kernel == second_kernel else f"{first_kernel} + {second_kernel}"
+        return first_s + second_s, kernel, first_dense or second_dense
+
+    codes = rank * -(-in_f // 8) * bits + out_f * -(-rank // 8) * bits  # packed bytes of V and U
+    return (*_sum_over_uses(uses, price), codes + 2 * (rank + out_f) * weight.element_size())

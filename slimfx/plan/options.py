@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -19,13 +19,16 @@ class Dense:
 
 @dataclass(frozen=True)
 class LowRank:
-    """``factorize`` to this rank (linear: two thin linears; conv: a k×k conv to ``rank`` channels and a 1×1)."""
+    """``factorize`` to this rank (linear: two thin linears; conv: a k×k conv to ``rank`` channels and a 1×1);
+    ``bits``: the two factors stored as integer codes with a scale per row (linear only), factorization and
+    quantization combined on one layer."""
 
     rank: int
+    bits: Optional[int] = None
     technique = "lowrank"
 
     def __str__(self) -> str:
-        return f"low-rank r={self.rank}"
+        return f"low-rank r={self.rank}" + (f" int{self.bits}" if self.bits else "")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,11 @@ class Option:
     bytes: int
     kernel: str = ""
     measured: bool = False
+
+    @property
+    def kernels(self) -> frozenset[str]:
+        """The kernels priced: a layer run as several ops (int8 factors: two) names each, joined by " + "."""
+        return frozenset(self.kernel.split(" + "))
 
     def to_dict(self) -> dict:
         return {"decision": str(self.decision), "technique": self.decision.technique, "error": self.error,

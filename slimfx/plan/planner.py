@@ -318,7 +318,7 @@ def plan_passes(plan: Plan, nm_method: str, correction: str) -> list:
     from ..passes.nm_sparsity import NMSparsity
     from ..passes.quant_lowrank import QuantLowRank
 
-    ranks = {k: o.decision.rank for k, o in plan.layers.items() if isinstance(o.decision, LowRank)}
+    ranks = {k: (o.decision.rank, o.decision.bits) for k, o in plan.layers.items() if isinstance(o.decision, LowRank)}
     patterns = {k: (o.decision.n, o.decision.m) for k, o in plan.layers.items() if isinstance(o.decision, Sparse)}
     quants = {k: (o.decision.bits, o.decision.group, o.decision.rank) for k, o in plan.layers.items()
               if isinstance(o.decision, Quant)}

@@ -139,3 +139,34 @@ def test_the_permutation_search_stops_at_its_time_budget():
     assert torch.equal(expired, torch.arange(128))
     searched = search_permutation(saliency, 2, 4, rounds=1, seconds=60.0)
     assert kept_saliency(saliency[:, searched], 2, 4) > kept_saliency(saliency, 2, 4)
+
+
+def test_compensation_is_the_ridge_least_squares_fit_solved_in_column_blocks():
+    """W' = argmin ‖W X_o − W' X_c‖² + λ‖W'−W‖-style ridge, in closed form W + W (C − G)(G + λI)⁻¹; the solve runs a
+    block of columns at a time (3 here, so blocks and a ragged last one are exercised) and is cached per object."""
+    from slimfx.passes.calibration import LayerStats
+
+    torch.manual_seed(0)
+    x_orig = torch.randn(200, 10, dtype=torch.float64)
+    x_comp = x_orig @ (torch.eye(10, dtype=torch.float64) + 0.1 * torch.randn(10, 10, dtype=torch.float64))  # a drift
+    stats = LayerStats(torch.zeros(10, 10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64))
+    for rows in range(0, 200, 50):
+        stats.add(x_comp[rows : rows + 50], x_orig[rows : rows + 50])
+    weight = torch.randn(6, 10, dtype=torch.float64)
+    gram, cross = x_comp.T @ x_comp, x_orig.T @ x_comp
+    ridge = gram + 0.1 * gram.diagonal().mean() * torch.eye(10, dtype=torch.float64)
+    expected = weight + weight @ (cross - gram) @ torch.linalg.inv(ridge)
+    mix = stats._compensation(0.1, columns=3)
+    torch.testing.assert_close(stats.compensate(weight), expected, rtol=1e-10, atol=1e-10)
+    assert stats._compensation(0.1) is mix  # made once per statistics object
+    # and it is the fit: on the drifted inputs the compensated weight reproduces the original outputs better
+    before = (x_orig @ weight.T - x_comp @ weight.T).norm()
+    assert (x_orig @ weight.T - x_comp @ expected.T).norm() < 0.5 * before
+
+
+def test_factors_do_not_keep_the_whole_decomposition_alive():
+    from slimfx.passes.lowrank import factorize_matrix
+
+    factors = factorize_matrix(torch.randn(40, 30), "svd")
+    for factor in factors.truncate(5, torch.float32):
+        assert factor.is_contiguous() and factor.untyped_storage().nbytes() == factor.numel() * 4

@@ -35,13 +35,13 @@ class LayerStats:
         """Accumulate a batch of input rows; ``original``: the same rows as the uncompressed model computes them
         (sequential calibration), for ``compensate``."""
         rows = rows.detach().to(self.gram.dtype)
-        self.gram += rows.T @ rows
+        self.gram.addmm_(rows.T, rows)  # in place: no in x in temporary per batch
         self.abs_sum += rows.abs().sum(0)
         self.rows += rows.shape[0]
         if original is not None:
             if self.cross is None:
                 self.cross = torch.zeros_like(self.gram)
-            self.cross += original.detach().to(self.gram.dtype).T @ rows
+            self.cross.addmm_(original.detach().to(self.gram.dtype).T, rows)
 
     def compensate(self, weight: torch.Tensor, damp: float = 0.1, rows_per_block: int = 4096) -> torch.Tensor:
         """The weight that, applied to the compressed model's inputs, best reproduces what ``weight`` computes on
@@ -78,12 +78,13 @@ class LayerStats:
                 torch.arange(hessian.shape[0], device=hessian.device)
             if act_order:
                 hessian = hessian[order][:, order]
-            factor = torch.linalg.cholesky(hessian)
-            del hessian
-            cache[key] = (torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True), dead, order)
+            factor = torch.linalg.cholesky(hessian, out=hessian)  # in place, as is the last step
+            inverse = torch.cholesky_inverse(factor)
+            del factor, hessian
+            cache[key] = (torch.linalg.cholesky(inverse, upper=True, out=inverse), dead, order)
         return cache[key]
 
-    def _compensation(self, damp: float) -> torch.Tensor | None:
+    def _compensation(self, damp: float, columns: int = 1024) -> torch.Tensor | None:
         """I + (C − G)(G + λI)⁻¹, made once per statistics object (q, k and v share it), or None where both
         streams agree (the first block) or there are no cross statistics."""
         cache = self.__dict__.setdefault("_compensation_cache", {})
@@ -92,13 +93,16 @@ class LayerStats:
                 cache[damp] = None
             else:  # in the statistics' dtype: the ridge keeps G + λI well conditioned, float32 suffices
                 cache.clear()
-                shift = self.cross - self.gram
-                ridge = self.gram.clone()
-                ridge.diagonal().add_(damp * float(self.gram.diagonal().mean()))
-                factor = torch.linalg.cholesky(ridge)
-                del ridge
-                mix = torch.cholesky_solve(shift.T.contiguous(), factor).T  # (C − G)(G + λI)⁻¹
-                del factor, shift
+                factor = self.gram.clone()
+                factor.diagonal().add_(damp * float(self.gram.diagonal().mean()))
+                torch.linalg.cholesky(factor, out=factor)  # in place: one in x in matrix, not two
+                # (C − G)(G + λI)⁻¹ = [(G + λI)⁻¹ (Cᵀ − G)]ᵀ, solved a block of columns at a time
+                mix_t = torch.empty_like(self.gram)
+                for cols in range(0, mix_t.shape[1], columns):
+                    part = slice(cols, cols + columns)
+                    mix_t[:, part] = torch.cholesky_solve(self.cross[part].T - self.gram[:, part], factor)
+                del factor
+                mix = mix_t.T
                 mix.diagonal().add_(1.0)
                 cache[damp] = mix
         return cache[damp]

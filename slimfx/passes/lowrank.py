@@ -50,7 +50,14 @@ class LowRankFactors:
         return int(ok[0]) if len(ok) else self.max_rank
 
     def truncate(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.a[:, :rank].to(dtype).contiguous(), self.b[:rank].to(dtype).contiguous()
+        """A[:, :rank] and B[:rank], each in storage of its own: the first rows of B are contiguous already, and a
+        view of them would keep the whole decomposition alive in the compressed model."""
+        return _owned(self.a[:, :rank].to(dtype)), _owned(self.b[:rank].to(dtype))
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole else tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _whitening(stats: LayerStats, damp: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -254,15 +254,9 @@ class PassManager:
 
     @staticmethod
     def _run(pass_: Pass, program: Program, ctx: PassContext) -> Counter:
-        """A data-aware pass on raw calibration batches runs block by block (``sequential``) unless the context
-        asks for one-shot statistics; everything else runs on the whole program at once."""
-        from .calibration import ActivationStats
-        from .sequential import run_sequentially
+        from .sequential import run_pass
 
-        if (ctx.calibration_mode == "sequential" and pass_.per_layer_statistics and ctx.calibration is not None
-                and not isinstance(ctx.calibration, ActivationStats) and program.frontend == "export"):
-            return run_sequentially(pass_, program, ctx)
-        return pass_.run(program, ctx)
+        return run_pass(pass_, program, ctx)
 
     def _keep_reference(self, program: Program, ctx: PassContext) -> None:
         """The original's outputs on calibration batches, for passes that train against them (heal)."""

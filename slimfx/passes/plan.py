@@ -4,8 +4,11 @@ The planner (``slimfx/plan``) collects every layer's options from the three loss
 error on the calibration data and its latency and bytes for the kernel ``lower`` would give it on the target;
 solves the multiple-choice knapsack for the budget; optionally refines the choice by an evolutionary search scored
 end to end (``search`` generations); and hands each pass its layers' decisions (``plan=``). The passes execute them
-as given; a planned layer a pass does not rewrite is an error, not a silent change of plan. Without a profile
-the plan is for this machine's built-in one. ``compress(..., budget=...)`` adds this pass.
+as given; a planned layer a pass does not rewrite is an error, not a silent change of plan. On a model built from
+repeated blocks, with calibration batches, they execute it block by block (sequential calibration, the default of
+``compress``): each planned layer, at its planned rank, pattern or bits, is fitted to the inputs the compressed
+blocks before it produce. The plan itself is made from one-shot statistics. Without a profile the plan is for
+this machine's built-in one. ``compress(..., budget=...)`` adds this pass.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from ..errors import BudgetError, CalibrationError, PipelineError
 from ..ir.program import Program
 from .base import Pass, PassContext, register
 from .calibration import ActivationStats, calibration_inputs, require_stats
+from .sequential import run_pass
 
 TECHNIQUES = ("lowrank", "nm", "quant", "depth")
 
@@ -130,7 +134,7 @@ class PlanPass(Pass):
                     ctx.layer_errors[origin] = option.error
         expected = Counter(o.decision.technique for o in plan.layers.values() if o.decision.technique != "dense")
         for pass_ in plan_passes(plan, self.nm_method, grid.correction):
-            done = pass_.run(program, ctx)
+            done = run_pass(pass_, program, ctx)  # block by block where the model has blocks (sequential calibration)
             rewritten = sum(v for k, v in done.items() if not k.startswith("skipped") and k != "permuted")
             technique = {"factorize": "lowrank", "nm": "nm", "quant-lowrank": "quant"}[pass_.name]
             if rewritten != expected[technique]:

@@ -12,6 +12,8 @@ hold the most layers. A model without one falls back to one-shot statistics, wit
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 import time
 from collections import Counter
@@ -120,6 +122,16 @@ class _Runner(fx.Interpreter):
             self.rows.setdefault(*found)
 
 
+def run_pass(pass_: Pass, program: Program, ctx: PassContext) -> Counter:
+    """A data-aware pass on raw calibration batches runs block by block (``sequential``) unless the context asks
+    for one-shot statistics; everything else runs on the whole program at once. The manager runs every pass
+    through here, and the plan pass each pass that executes its plan."""
+    if (ctx.calibration_mode == "sequential" and pass_.per_layer_statistics and ctx.calibration is not None
+            and not isinstance(ctx.calibration, ActivationStats) and program.frontend == "export"):
+        return run_sequentially(pass_, program, ctx)
+    return pass_.run(program, ctx)
+
+
 def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter:
     """Run a data-aware pass segment by segment (see the module docstring); one-shot where that cannot be done.
 
@@ -163,6 +175,7 @@ def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter
                 ours = set(nodes) | (set(program.graph.nodes) - alive)  # what the pass added is this segment's
                 nodes = segment_nodes[index] = [n for n in program.graph.nodes if n in ours]
             del stats, collector, recorder
+            release_memory()
             alive = set(program.graph.nodes)
             later = {a for rest in segment_nodes[index + 1 :] for n in rest if n in alive for a in n.all_input_nodes}
             runner = _Runner(program)
@@ -177,6 +190,24 @@ def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter
     ctx.note(f"{pass_.name}: calibrated sequentially over {segments.blocks} blocks of {segments.container} "
              f"({len(batches)} batches, {time.perf_counter() - started:.1f} s)")
     return counts
+
+
+def release_memory() -> None:
+    """Hand the memory a finished block freed back to the system. glibc keeps freed blocks under its mmap threshold
+    (which grows to 32 MB) in its heaps; block after block of statistics and rows then leaves the process holding
+    what it no longer uses (measured: 0.5 GiB after 4 blocks of a 1.1B-shaped model, every byte of it freed).
+    Elsewhere a no-op."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _origins(program: Program, nodes: list[fx.Node]) -> set[str]:

@@ -85,6 +85,7 @@ def compress(
     calibration_mode: str = "sequential",
     stats_dtype: torch.dtype = torch.float32,
     check_elements: int = CHECK_ELEMENTS,
+    compute_device: Any = None,
 ) -> CompressedModule:
     """Compress ``model`` with ``pipeline`` (text like ``"fold-bn,factorize{keep=0.5}"`` or Pass objects).
 
@@ -109,7 +110,10 @@ def compress(
     each block's statistics come from its inputs as the compressed blocks before it produce them.
     ``calibration_mode="one-shot"`` takes every layer's statistics from the model before the pass. Statistics
     accumulate in ``stats_dtype`` (float32, or float64). The check after every pass compares at most
-    ``check_elements`` elements of each output (an evenly strided sample).
+    ``check_elements`` elements of each output (an evenly strided sample). ``compute_device="cuda"`` compresses
+    a model that stays on the CPU (or memory-mapped from disk: its weights are never copied): sequential
+    calibration moves one block's weights at a time to that device, compresses the block there, and moves the
+    compressed block back to where the model is.
     """
     from .passes.plan import with_budget
 
@@ -117,7 +121,7 @@ def compress(
     manager = PassManager(pipeline, check=check, on_pass=on_pass, lower=lower,  # fail fast on a bad pipeline
                           check_elements=check_elements)
     ctx = PassContext(profile=resolve_profile(profile, default_local=True), calibration=calibration,
-                      **calibration_options(calibration_mode, stats_dtype))
+                      **calibration_options(calibration_mode, stats_dtype, compute_device))
     check_calibration(calibration, "slimfx.compress")
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
     require_module(model)
@@ -135,7 +139,7 @@ def compress(
     return result
 
 
-def calibration_options(mode: str, dtype: Any) -> dict:
+def calibration_options(mode: str, dtype: Any, compute_device: Any = None) -> dict:
     """The context's calibration settings, or a PipelineError saying what to pass instead."""
     from .errors import PipelineError
 
@@ -144,7 +148,19 @@ def calibration_options(mode: str, dtype: Any) -> dict:
                             "blocks' outputs) or 'one-shot' (every layer's statistics from the original model)")
     if dtype not in (torch.float32, torch.float64):
         raise PipelineError(f"stats_dtype={dtype!r} must be torch.float32 or torch.float64")
-    return {"calibration_mode": mode, "stats_dtype": dtype}
+    if compute_device is not None:
+        try:
+            compute_device = torch.device(compute_device)
+        except (RuntimeError, TypeError) as exc:
+            raise PipelineError(f"compute_device={compute_device!r} is not a torch device ({exc}); pass e.g. "
+                                "'cuda' or 'cuda:1', or leave it out to compress where the model is") from None
+        if compute_device.type == "cuda" and not torch.cuda.is_available():
+            raise PipelineError(f"compute_device={str(compute_device)!r}, but this torch sees no CUDA device; leave "
+                                "it out to compress where the model is")
+        if mode != "sequential":
+            raise PipelineError("compute_device= moves one block at a time to the device, which needs "
+                                "calibration_mode='sequential'; or move the whole model there yourself")
+    return {"calibration_mode": mode, "stats_dtype": dtype, "compute_device": compute_device}
 
 
 def _default_target_note(profile: Any, ctx: PassContext) -> list[str]:

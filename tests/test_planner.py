@@ -90,9 +90,11 @@ def test_knapsack_frontier_is_monotone_and_reaches_the_least_value():
 
 @pytest.fixture(scope="module")
 def planned(digits_transformer):
+    """One-shot, so that each pass's own error is comparable with the planned one exactly (the default,
+    sequential execution of the plan, is tested in test_sequential.py)."""
     model, data = digits_transformer
     result = slimfx.compress(model, (data.test_x[:256],), budget={"latency": 0.7}, calibration=calibration(data),
-                             profile="cpu-generic")
+                             profile="cpu-generic", calibration_mode="one-shot")
     return model, data, result
 
 
@@ -224,9 +226,9 @@ def test_low_rank_factors_in_int8_are_options_and_win_a_memory_budget_on_this_cp
     model, data = digits_transformer
     x, cal = (data.test_x[:256],), calibration(data)
     joint = slimfx.compress(model, x, pipeline="plan{memory=0.2,techniques=lowrank|quant}", calibration=cal,
-                            profile="cpu-generic")
+                            profile="cpu-generic", calibration_mode="one-shot")  # (errors comparable exactly)
     alone = slimfx.compress(model, x, pipeline="plan{memory=0.2,techniques=lowrank}", calibration=cal,
-                            profile="cpu-generic")
+                            profile="cpu-generic", calibration_mode="one-shot")
     plan = joint.report.plans[0]
     combined = {k: o.decision for k, o in plan.layers.items() if isinstance(o.decision, LowRank) and o.decision.bits}
     assert len(combined) >= 4 and {d.bits for d in combined.values()} == {8}

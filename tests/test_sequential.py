@@ -170,3 +170,107 @@ def test_factors_do_not_keep_the_whole_decomposition_alive():
     factors = factorize_matrix(torch.randn(40, 30), "svd")
     for factor in factors.truncate(5, torch.float32):
         assert factor.is_contiguous() and factor.untyped_storage().nbytes() == factor.numel() * 4
+
+
+def test_a_budget_plan_is_executed_block_by_block_and_loses_less_than_one_shot(byte_lm):
+    """compress(budget=...) plans from one-shot statistics, then the passes execute the plan block by block: the
+    same decisions, each layer fitted to the inputs the compressed blocks before it produce."""
+    from slimfx.lm import bits_per_byte
+
+    model, cal, test = byte_lm
+    results = {mode: slimfx.compress(model, cal[0], budget={"latency": 0.6}, calibration=cal, profile="cpu-generic",
+                                     calibration_mode=mode) for mode in ("one-shot", "sequential")}
+    decisions = {mode: {k: o.decision for k, o in r.report.plans[0].layers.items()} for mode, r in results.items()}
+    assert decisions["sequential"] == decisions["one-shot"]
+    assert sum(not isinstance(d, slimfx.plan.Dense) for d in decisions["sequential"].values()) >= 4
+    assert any("calibrated sequentially" in note for note in results["sequential"].report.notes)
+    dense = bits_per_byte(model, test)
+    loss = {mode: bits_per_byte(r, test) - dense for mode, r in results.items()}
+    assert loss["sequential"] < 0.9 * loss["one-shot"]
+
+
+def _tiny_llama(layers: int = 2):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_offloading_moves_one_segment_at_a_time_and_puts_the_models_own_tensors_back():
+    """The mechanics of compute_device= without a GPU: the meta device stands in for it (shapes only). Every
+    segment of a captured Llama runs there, device arguments the capture baked in (arange(device=cpu),
+    to(cpu)) mapped; only that segment's weights are out at a time; afterwards the model's own tensors are back
+    behind the program, the same objects."""
+    from slimfx.passes.sequential import Placement, _Runner
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 16))
+    program = capture(model, (ids,))
+    assert any(isinstance(v, torch.device) for n in program.graph.nodes for v in n.kwargs.values())  # baked in
+    own = {n.target: program.tensor(n) for n in program.graph.nodes if program.is_weight(n)}
+    placement = Placement(program, torch.device("meta"))
+    segments = find_segments(program)
+    env = dict(zip([n for n in program.graph.nodes if n.op == "placeholder"], placement.inputs([ids])))
+    runner = _Runner(program, device_map=placement.device_map)
+    for nodes in segments.nodes:
+        placement.move_in(nodes)
+        out = {t for t, v in own.items() if program.tensor(next(n for n in program.graph.nodes if n.target == t))
+               .is_meta}
+        assert out and out <= {a.target for n in nodes for a in n.all_input_nodes if a.op == "get_attr"}
+        env = runner.run_nodes(nodes, env)
+        placement.move_out(nodes)
+    logits = env[next(n for n in program.graph.nodes if n.op == "output").args[0][0]]
+    assert logits.is_meta and logits.shape == (2, 16, 128)
+    assert all(program.tensor(n) is own[n.target] for n in program.graph.nodes if program.is_weight(n))
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_compute_device_errors_say_what_to_pass():
+    model = _tiny_llama(1)
+    ids = torch.randint(0, 128, (1, 8))
+    with pytest.raises(PipelineError, match="not a torch device"):
+        slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5}", calibration=[(ids,)], compute_device="gpu7")
+    with pytest.raises(PipelineError, match="needs calibration_mode='sequential'"):
+        slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5}", calibration=[(ids,)], compute_device="cpu",
+                        calibration_mode="one-shot")
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineError, match="sees no CUDA device"):
+            slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5}", calibration=[(ids,)], compute_device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading to a GPU needs one")
+def test_a_model_on_the_cpu_is_compressed_block_by_block_on_the_gpu():
+    model = _tiny_llama(3)
+    ids = torch.randint(0, 128, (2, 16))
+    cal = [(torch.randint(0, 128, (4, 32)),) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        here = slimfx.compress(model, (ids,), pipeline="nm{method=sparsegpt}", calibration=cal, profile="none")
+        there = slimfx.compress(model, (ids,), pipeline="nm{method=sparsegpt}", calibration=cal, profile="none",
+                                compute_device="cuda")
+    assert any("each block on cuda" in note for note in there.report.notes)
+    assert all(t.device.type == "cpu" for t in there.state_dict().values())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    reference = here(ids).logits
+    assert ((there(ids).logits - reference).norm() / reference.norm()) < 1e-3
+
+
+def test_weights_memory_mapped_from_safetensors_are_never_copied(tmp_path):
+    """A model loaded from safetensors (memory-mapped, as Hugging Face loads it) stays on disk: what compression
+    leaves unchanged is the mapped tensor itself in the compressed model, not a copy in memory."""
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_llama()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              tmp_path / "model.safetensors")
+    mapped = load_file(tmp_path / "model.safetensors")
+    model.load_state_dict(mapped, strict=False, assign=True)
+    ids = torch.randint(0, 128, (2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5,exclude=embed}",
+                                 calibration=[(torch.randint(0, 128, (4, 32)),) for _ in range(4)], profile="none")
+    kept = {t.data_ptr() for t in result.state_dict().values()}
+    assert mapped["model.embed_tokens.weight"].data_ptr() in kept
+    assert mapped["model.norm.weight"].data_ptr() in kept

@@ -99,6 +99,23 @@ class Program:
         node.meta["val"] = _fake_like(self, value)
         return node
 
+    def place(self, target: str, value: torch.Tensor) -> None:
+        """Put ``value`` (the same tensor on another device) behind ``target``. The attribute is replaced, never
+        written into, so a tensor shared with the user's model stays as it is; get_attr nodes' metadata follow."""
+        prefix, _, name = target.rpartition(".")
+        owner = self.gm.get_submodule(prefix) if prefix else self.gm
+        if name in owner._parameters:
+            owner._parameters[name] = value if isinstance(value, torch.nn.Parameter) else \
+                torch.nn.Parameter(value, requires_grad=False)
+        elif name in owner._buffers:
+            owner._buffers[name] = value
+        else:
+            setattr(owner, name, value)
+        fake = _fake_like(self, value)
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and node.target == target:
+                node.meta["val"] = fake
+
     def drop_unused_weights(self) -> int:
         """Erase unused weight nodes, then free every registered weight no ``get_attr`` refers to."""
         for node in list(self.graph.nodes):

@@ -39,6 +39,7 @@ class PassContext:
     stats_dtype: Any = None  # what statistics accumulate in (None: float32)
     scope: set[str] | None = None  # while calibrating sequentially: the weight origins of the current block
     block_stats: Any = None  # ... and their statistics, from the inputs the compressed blocks before produce
+    compute_device: Any = None  # sequential calibration: run each block here, its weights moved in and back out
 
     def note(self, message: str) -> None:
         self.notes.append(message)

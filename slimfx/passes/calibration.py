@@ -135,7 +135,20 @@ class ActivationStats:
 _SHARED_ROWS = WEIGHTED_OPS[torch.ops.aten.linear.default].rows  # a linear's rows are its input, reshaped
 
 
-class _Collector(fx.Interpreter):
+class Interpreter(fx.Interpreter):
+    """An fx.Interpreter that can run a graph captured on one device on another: the device arguments the capture
+    baked in (``arange(device=cpu)``, ``to(cpu)``, metadata asserts) are read through ``device_map``."""
+
+    device_map: dict = {}
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        if self.device_map:
+            args, kwargs = pytree.tree_map_only(torch.device, lambda d: self.device_map.get(d, d), (args, kwargs))
+        return args, kwargs
+
+
+class _Collector(Interpreter):
     def __init__(self, program: Program, stats: ActivationStats):
         super().__init__(program.gm)
         self.program, self.stats = program, stats

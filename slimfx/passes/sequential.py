@@ -22,10 +22,10 @@ import torch
 import torch.fx as fx
 
 from ..ir.op_table import DENSE_LAYERS
-from ..ir.program import Program, is_input_guard
+from ..ir.program import Program, fetch_attr, is_input_guard
 from ..progress import progress
 from .base import Pass, PassContext
-from .calibration import ActivationStats, _Collector, calibration_inputs, layer_rows, warn_if_thin
+from .calibration import ActivationStats, Interpreter, _Collector, calibration_inputs, layer_rows, warn_if_thin
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -88,15 +88,19 @@ def find_segments(program: Program) -> Segments | str:
     return Segments(container, nodes)
 
 
-class _Runner(fx.Interpreter):
+class _Runner(Interpreter):
     """Runs chosen nodes on an environment of live values (one calibration batch's). With ``stats`` it collects
     the statistics of the layers it passes through; with ``record`` it keeps each layer's input rows."""
 
-    def __init__(self, program: Program, stats: ActivationStats | None = None, record: bool = False):
+    def __init__(self, program: Program, stats: ActivationStats | None = None, record: bool = False,
+                 device_map: dict | None = None):
         super().__init__(program.gm)
         self.program = program
         self.collector = _Collector(program, stats) if stats is not None else None
         self.rows: dict[tuple, torch.Tensor] | None = {} if record else None
+        self.device_map = device_map or {}
+        if self.collector is not None:
+            self.collector.device_map = self.device_map
 
     def run_nodes(self, nodes: list[fx.Node], env: dict, original_rows: dict | None = None) -> dict:
         runner = self.collector or self
@@ -105,8 +109,11 @@ class _Runner(fx.Interpreter):
             self.collector.added, self.collector.original_rows = set(), original_rows
         if self.rows is not None:
             self.rows = {}
+        # weights are read from the program each time, never carried between segments: offloading moves them
+        env.update({a: fetch_attr(self.program.gm, a.target) for n in nodes for a in n.all_input_nodes
+                    if a.op == "get_attr"})
         for node in nodes:
-            if node.op == "output" or node in env:
+            if node.op in ("output", "get_attr") or node in env:
                 continue
             if is_input_guard(node):
                 env[node] = None
@@ -144,6 +151,10 @@ def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter
         ctx.note(f"{pass_.name}: calibrated one-shot (all statistics from the model before the pass): {segments}")
         return pass_.run(program, ctx)
     batches = calibration_inputs(program, ctx.calibration)
+    placement = Placement(program, ctx.compute_device) if ctx.compute_device is not None else None
+    if placement is not None:
+        batches = [placement.inputs(batch) for batch in batches]
+    device_map = placement.device_map if placement is not None else None
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     compressed = [dict(zip(placeholders, batch)) for batch in batches]
     original = [dict(env) for env in compressed]
@@ -156,11 +167,14 @@ def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter
             nodes = [n for n in segment_nodes[index] if n in alive]
             later = {a for rest in segment_nodes[index + 1 :] for n in rest if n in alive for a in n.all_input_nodes}
             scope = _origins(program, nodes)
+            if placement is not None:
+                placement.move_in(nodes)
             stats = ActivationStats(dtype=ctx.stats_dtype)
-            collector, recorder = _Runner(program, stats), _Runner(program, record=bool(scope))
+            collector = _Runner(program, stats, device_map=device_map)
+            recorder = _Runner(program, record=bool(scope), device_map=device_map)
             for k in range(len(batches)):  # the original stream passes the segment as it was; statistics meanwhile
                 advanced = recorder.run_nodes(nodes, dict(original[k]))
-                original[k] = {n: v for n, v in advanced.items() if n in later}
+                original[k] = _carried(advanced, later)
                 if scope:
                     collector.run_nodes(nodes, dict(compressed[k]), recorder.rows)
                     stats.batches += 1
@@ -178,18 +192,79 @@ def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter
             release_memory()
             alive = set(program.graph.nodes)
             later = {a for rest in segment_nodes[index + 1 :] for n in rest if n in alive for a in n.all_input_nodes}
-            runner = _Runner(program)
+            runner = _Runner(program, device_map=device_map)
             for k in range(len(batches)):
                 env = runner.run_nodes(nodes, compressed[k])
-                compressed[k] = {n: v for n, v in env.items() if n in later}
+                compressed[k] = _carried(env, later)
                 # a value the rewrite renamed (a segment ending in a rewritten layer) follows the compressed stream
                 original[k].update({n: v for n, v in compressed[k].items() if n not in original[k]})
+            if placement is not None:
+                placement.move_out(nodes)
     finally:
         ctx.block_stats, ctx.scope = None, None
+        if placement is not None:
+            placement.move_out([])  # after an error too: every weight back where the model is
     pass_.check_counts(counts)
+    on = f", each block on {ctx.compute_device}" if placement is not None else ""
     ctx.note(f"{pass_.name}: calibrated sequentially over {segments.blocks} blocks of {segments.container} "
-             f"({len(batches)} batches, {time.perf_counter() - started:.1f} s)")
+             f"({len(batches)} batches{on}, {time.perf_counter() - started:.1f} s)")
     return counts
+
+
+class Placement:
+    """Offloading: the model's weights stay where they are (the CPU, or memory-mapped from disk) and each segment's
+    move to the compute device while it is calibrated and compressed. Afterwards the model's own tensors are put
+    back as they were (the same objects, not copies) and the new ones (compressed weights) are moved to where
+    the model is. Device arguments the capture baked into the graph are mapped the same way."""
+
+    def __init__(self, program: Program, device: torch.device):
+        self.program, self.device = program, torch.device(device)
+        weights = [program.tensor(n) for n in program.graph.nodes if program.is_weight(n)]
+        self.home = weights[0].device if weights else torch.device("cpu")
+        self.device_map = {self.home: self.device} if self.home != self.device else {}
+        self.originals: dict[str, torch.Tensor] = {}  # target -> the model's own tensor, while a copy is out
+
+    def inputs(self, batch: list) -> list:
+        return [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in batch]
+
+    def move_in(self, nodes: list[fx.Node]) -> None:
+        for target in self._read_by(nodes):
+            value = fetch_attr(self.program.gm, target)
+            if isinstance(value, torch.Tensor) and value.device != self.device:
+                self.originals.setdefault(target, value)
+                self.program.place(target, value.detach().to(self.device))
+
+    def move_out(self, nodes: list[fx.Node]) -> None:
+        """The segment's weights home: the model's own restored, new ones moved; the originals of weights a pass
+        replaced are let go (the program no longer holds them)."""
+        for target, value in self.originals.items():
+            if _has_attr(self.program.gm, target):
+                self.program.place(target, value)
+        self.originals.clear()
+        for target in self._read_by(nodes):
+            value = fetch_attr(self.program.gm, target)
+            if isinstance(value, torch.Tensor) and value.device != self.home:
+                self.program.place(target, value.detach().to(self.home))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _read_by(self, nodes: list[fx.Node]) -> set[str]:
+        alive = set(self.program.graph.nodes)
+        return {a.target for n in nodes if n in alive and n.op != "get_attr" for a in n.all_input_nodes
+                if a.op == "get_attr"}
+
+
+def _carried(env: dict, later: set) -> dict:
+    """The values later segments read (weights are fetched afresh by each segment)."""
+    return {n: v for n, v in env.items() if n in later and n.op != "get_attr"}
+
+
+def _has_attr(module: torch.nn.Module, target: str) -> bool:
+    try:
+        fetch_attr(module, target)
+        return True
+    except AttributeError:
+        return False
 
 
 def release_memory() -> None:

@@ -157,6 +157,10 @@ def calibration_options(mode: str, dtype: Any, compute_device: Any = None) -> di
         if compute_device.type == "cuda" and not torch.cuda.is_available():
             raise PipelineError(f"compute_device={str(compute_device)!r}, but this torch sees no CUDA device; leave "
                                 "it out to compress where the model is")
+        if compute_device.type == "cuda" and (compute_device.index or 0) >= torch.cuda.device_count():
+            raise PipelineError(f"compute_device={str(compute_device)!r}, but this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s); pass 'cuda:0'..'cuda:"
+                                f"{torch.cuda.device_count() - 1}'")
         if mode != "sequential":
             raise PipelineError("compute_device= moves one block at a time to the device, which needs "
                                 "calibration_mode='sequential'; or move the whole model there yourself")

@@ -274,3 +274,34 @@ def test_weights_memory_mapped_from_safetensors_are_never_copied(tmp_path):
     kept = {t.data_ptr() for t in result.state_dict().values()}
     assert mapped["model.embed_tokens.weight"].data_ptr() in kept
     assert mapped["model.norm.weight"].data_ptr() in kept
+
+
+def test_sparsegpt_never_writes_into_the_users_gpt2_weights():
+    """GPT-2's Conv1D weights reach the passes as transposed views of the user's parameters; SparseGPT works on a
+    transposed copy, which must be a copy (found by a fresh-process review: the user's weights were pruned and
+    the layer errors read 0)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128,
+                                                                 n_positions=64)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 128, (2, 16))
+    cal = [(torch.randint(0, 128, (4, 32)),) for _ in range(4)]
+    for mode in ("one-shot", "sequential"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = slimfx.compress(model, (ids,), pipeline="nm{method=sparsegpt}", calibration=cal, profile="none",
+                                     calibration_mode=mode)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), mode
+        assert len(result.report.layer_errors) == 8 and min(result.report.layer_errors.values()) > 0.01, mode
+
+
+def test_int8_factors_of_a_bf16_model_keep_its_dtype_when_calibrated_sequentially():
+    model = _tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = slimfx.compress(model, (ids,), pipeline="factorize{keep=0.5,factor_bits=8}", profile="none",
+                                 calibration=[(torch.randint(0, 128, (4, 32)),) for _ in range(4)], lower=False)
+    assert result.report.passes[0].rewrites["linear-int-factors"] == 15
+    assert {str(t.dtype) for t in result.state_dict().values() if t.is_floating_point()} == {"torch.bfloat16"}

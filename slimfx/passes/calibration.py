@@ -34,6 +34,7 @@ class LayerStats:
     def add(self, rows: torch.Tensor, original: torch.Tensor | None = None) -> None:
         """Accumulate a batch of input rows; ``original``: the same rows as the uncompressed model computes them
         (sequential calibration), for ``compensate``."""
+        self.forget()  # what was derived no longer describes the statistics
         rows = rows.detach().to(self.gram.dtype)
         self.gram.addmm_(rows.T, rows)  # in place: no in x in temporary per batch
         self.abs_sum += rows.abs().sum(0)
@@ -58,6 +59,11 @@ class LayerStats:
         for rows, block in zip(out.split(rows_per_block), weight.detach().split(rows_per_block)):
             torch.matmul(block.to(dtype), mix, out=rows)  # a block of rows at a time: no second copy of W
         return out
+
+    def forget(self) -> None:
+        """Drop the matrices derived from these statistics (made again when next asked for)."""
+        for key in ("_inverse_hessian", "_compensation_cache", "_whitening"):
+            self.__dict__.pop(key, None)
 
     def inverse_hessian(self, damp: float, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, dead, order) for the OBS solvers (SparseGPT, GPTQ): U the upper Cholesky factor of H⁻¹ with
@@ -123,7 +129,15 @@ class ActivationStats:
         self.dtype = self.dtype or torch.float32
 
     def get(self, origin: str, width: int) -> LayerStats | None:
-        return self.layers.get((origin, width))
+        """A layer's statistics. What was derived from the previous layer's (an inverse Hessian, a compensation,
+        a whitening: each as large as the statistics) is let go when the next layer reads another input; layers
+        reading one input (q, k, v) come one after another and share it."""
+        found = self.layers.get((origin, width))
+        last = self.__dict__.get("_last")
+        if last is not None and last is not found:
+            last.forget()
+        self.__dict__["_last"] = found
+        return found
 
     def without(self, origins: set[str]) -> "ActivationStats":
         if not origins:

@@ -215,7 +215,7 @@ class Factorize(Pass):
         quantized = quantize_factors(*factors.truncate(rank, torch.float64), bits)
         error = output_error(quantized.dense() - matrix.detach().to(torch.float64), matrix, layer_stats)
         ctx.layer_errors[origin] = error
-        dtype = matrix.dtype
+        dtype = program.tensor(uses[0].args[1]).dtype  # the layer's (the compensated matrix is at least float32)
         kept = (Constraint("factorized", self.name, f"rank {rank}"),
                 Constraint("quantized", self.name, f"int{bits} factors, a scale per row"))
         with program.graph.inserting_before(uses[0]):  # made once, before the first use

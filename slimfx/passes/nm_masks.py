@@ -39,7 +39,8 @@ def sparsegpt(weight: torch.Tensor, stats: LayerStats, n: int, m: int, block: in
     over the block's remaining rows, and the lazy update after a block one in-place matmul."""
     # upper Cholesky factor of H⁻¹: row i holds the coefficients of the OBS update for column i
     hinv, dead, _ = stats.inverse_hessian(damp)
-    wt = weight.detach().to(hinv.dtype).T.contiguous()  # [in, out]
+    # [in, out], always a copy: .T.contiguous() of a transposed view (GPT-2's Conv1D) is the user's own storage
+    wt = weight.detach().to(hinv.dtype).T.clone(memory_format=torch.contiguous_format)
     in_f, out_f = wt.shape
     wt[dead] = 0.0
     keep = torch.zeros(in_f, out_f, dtype=torch.bool, device=wt.device)

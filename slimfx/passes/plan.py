@@ -21,7 +21,7 @@ from ..errors import BudgetError, CalibrationError, PipelineError
 from ..ir.program import Program
 from .base import Pass, PassContext, register
 from .calibration import ActivationStats, calibration_inputs, require_stats
-from .sequential import run_pass
+from .sequential import find_segments, run_pass
 
 TECHNIQUES = ("lowrank", "nm", "quant", "depth")
 
@@ -119,6 +119,11 @@ class PlanPass(Pass):
                             "slimfx.compress, or collect the statistics after the exact passes",)
             raise
         ctx.plans.append(plan)
+        for layer in layers:  # the options' dense approximations (and the decompositions they hold) are done with
+            layer.approximate = None
+        del scorer
+        if ctx.calibration_mode == "sequential" and batches is not None and not isinstance(find_segments(program), str):
+            ctx.cache.pop("decompositions", None)  # executed block by block, each layer is fitted (and decomposed) anew
         # lower runs each planned layer on the kernel its plan was priced for (at the workload's sizes, keeping the
         # storage a memory budget counted on), where that kernel applies
         ctx.planned_kernels.update({k: o.kernels for k, o in plan.layers.items()
@@ -219,7 +224,7 @@ def with_budget(pipeline, budget=None, workload=None, tune: str = "model", heal:
                             "drop budget= and keep the pipeline as it is")
     options = {"latency": parsed.latency, "max_error": parsed.max_error, "batch": load.batch, "seq": load.seq,
                "phase": load.phase, "tune": tune,
-               "memory": None if parsed.memory is None else f"{parsed.memory:.17g}"}
+               "memory": None if parsed.memory is None else repr(parsed.memory)}
     planned = [i for i, p in enumerate(passes) if p.name == "plan"]
     if planned:
         if passes[planned[0]].has_budget:

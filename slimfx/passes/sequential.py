@@ -148,7 +148,9 @@ def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter
     """
     segments = find_segments(program)
     if isinstance(segments, str):
-        ctx.note(f"{pass_.name}: calibrated one-shot (all statistics from the model before the pass): {segments}")
+        ctx.note(f"{pass_.name}: calibrated one-shot (all statistics from the model before the pass): {segments}"
+                 + (f"; compute_device={ctx.compute_device} not used: the model runs where it is"
+                    if ctx.compute_device is not None else ""))
         return pass_.run(program, ctx)
     batches = calibration_inputs(program, ctx.calibration)
     placement = Placement(program, ctx.compute_device) if ctx.compute_device is not None else None
@@ -202,8 +204,8 @@ def run_sequentially(pass_: Pass, program: Program, ctx: PassContext) -> Counter
                 placement.move_out(nodes)
     finally:
         ctx.block_stats, ctx.scope = None, None
-        if placement is not None:
-            placement.move_out([])  # after an error too: every weight back where the model is
+        if placement is not None:  # after an error too: every weight back where the model is
+            placement.move_out(list(program.graph.nodes))
     pass_.check_counts(counts)
     on = f", each block on {ctx.compute_device}" if placement is not None else ""
     ctx.note(f"{pass_.name}: calibrated sequentially over {segments.blocks} blocks of {segments.container} "

@@ -164,13 +164,13 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                                   pricing.tune == "measure" and not is_conv))
             approximations[LowRank(rank)] = (lambda r=rank: _product(factors, r))
             for bits in grid.factor_bits if "quant" in grid.techniques and not is_conv else ():
-                product = quantize_factors(*factors.truncate(rank, torch.float64), bits).dense()
-                error = output_error(product - matrix.to(torch.float64), matrix, layer_stats)
+                coded = quantize_factors(*factors.truncate(rank, torch.float64), bits)  # codes: small to keep
+                error = output_error(coded.dense() - matrix.to(torch.float64), matrix, layer_stats)
                 seconds, kernel, dense_form, stored = _price_int_lowrank(uses, weight, rank, bits, pricing)
                 options.append(Option(LowRank(rank, bits), error, seconds,
                                       rank * (out_f + in_f) * itemsize if dense_form else stored, kernel,
                                       pricing.tune == "measure"))
-                approximations[LowRank(rank, bits)] = (lambda p=product: p)
+                approximations[LowRank(rank, bits)] = coded.dense
 
     if "nm" in grid.techniques and not is_conv:
         for n, m in grid.patterns:

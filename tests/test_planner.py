@@ -476,3 +476,14 @@ def test_without_a_profile_the_target_is_this_machine(digits_mlp, tmp_path, monk
     assert local_profile().name == "my-box"
     again = slimfx.compress(model, x, pipeline="nm{method=magnitude}")
     assert any("priced for my-box, this machine's calibrated profile" in n for n in again.report.notes)
+
+
+def test_an_infeasible_memory_budget_says_whether_slower_options_were_left_out(digits_transformer):
+    model, data = digits_transformer
+    x, cal = (data.test_x[:64],), calibration(data, 2)
+    with pytest.raises(BudgetError, match=r"0\.\d+ of dense\) with options that are not slower than dense "
+                                          r"\(plan\{allow_slower=true\} admits slower ones\)"):
+        slimfx.compress(model, x, pipeline="plan{memory=0.02}", calibration=cal, profile="cpu-generic")
+    with pytest.raises(BudgetError, match=r"0\.\d+ of dense\) with these options; raise the memory budget"):
+        slimfx.compress(model, x, pipeline="plan{memory=0.02,allow_slower=true}", calibration=cal,
+                        profile="cpu-generic")

@@ -165,7 +165,7 @@ class Planner:
             if dropped:
                 self.notes.append(f"{dropped} option(s) {'measured' if tune == 'measure' else 'predicted'} slower "
                                   "than their dense layer left out (plan{allow_slower=true} keeps them)")
-        self.layers, self.chains = layers, list(chains)
+        self.layers, self.chains, self.allow_slower = layers, list(chains), allow_slower
         modelled = program_cost(program.graph, profile, hints).total_s
         modelled_chosen = (sum(_modelled_dense(l, profile, hints) for l in layers)
                            + sum(c.activation_s(profile, hints) for c in self.chains))
@@ -245,9 +245,11 @@ class Planner:
                                f"{best:.3f}, or allow more techniques", best)
         if problem.resource == "memory":
             best_bytes = self.fixed_bytes + least
+            which = "these options" if self.allow_slower else \
+                "options that are not slower than dense (plan{allow_slower=true} admits slower ones)"
             return BudgetError(f"no plan fits memory={self.budget.memory:g}: the smallest achievable weights are "
-                               f"{best_bytes:,} bytes ({best_bytes / self.dense_bytes:.3f} of dense) with options "
-                               f"that are not slower than dense; raise the memory budget", best_bytes)
+                               f"{best_bytes:,} bytes ({best_bytes / self.dense_bytes:.3f} of dense) with {which}; "
+                               "raise the memory budget", best_bytes)
         return BudgetError("max_error below zero", 0.0)
 
     def plan(self, scorer: Scorer | None = None, generations: int = 0, seed: int = 0) -> Plan:

@@ -26,6 +26,9 @@ class LayerStats:
     abs_sum: torch.Tensor  # Σ|x| per input feature, [in]
     rows: int = 0
     cross: torch.Tensor | None = None  # sequential calibration: Σ x_original x_compressedᵀ, [in, in]
+    # matrices made from these statistics, kept while layers reading this input are compressed (kind -> {key: ...}):
+    # the inverse Hessian, the compensation, the whitening; cleared when the statistics change or are done with
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -62,8 +65,7 @@ class LayerStats:
 
     def forget(self) -> None:
         """Drop the matrices derived from these statistics (made again when next asked for)."""
-        for key in ("_inverse_hessian", "_compensation_cache", "_whitening"):
-            self.__dict__.pop(key, None)
+        self.derived.clear()
 
     def inverse_hessian(self, damp: float, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, dead, order) for the OBS solvers (SparseGPT, GPTQ): U the upper Cholesky factor of H⁻¹ with
@@ -71,7 +73,7 @@ class LayerStats:
         λ a ``damp`` fraction of the mean diagonal; ``dead`` the features no calibration row reached. In the
         statistics' dtype (at least float32), as the reference implementations do, and made once per statistics
         object: q, k and v (gate and up) share it."""
-        cache = self.__dict__.setdefault("_inverse_hessian", {})
+        cache = self.derived.setdefault("inverse_hessian", {})
         key = (damp, act_order)
         if key not in cache:
             cache.clear()  # one factor per statistics object is kept alive
@@ -93,7 +95,7 @@ class LayerStats:
     def _compensation(self, damp: float, columns: int = 1024) -> torch.Tensor | None:
         """I + (C − G)(G + λI)⁻¹, made once per statistics object (q, k and v share it), or None where both
         streams agree (the first block) or there are no cross statistics."""
-        cache = self.__dict__.setdefault("_compensation_cache", {})
+        cache = self.derived.setdefault("compensation", {})
         if damp not in cache:
             if self.cross is None or torch.equal(self.cross, self.gram):
                 cache[damp] = None
@@ -124,6 +126,7 @@ class ActivationStats:
     layers: dict[tuple[str, int], LayerStats] = field(default_factory=dict)
     batches: int = 0
     dtype: Any = None  # what they accumulate in: float32 (default) or float64
+    _last: LayerStats | None = field(default=None, init=False, repr=False, compare=False)  # the last one read
 
     def __post_init__(self) -> None:
         self.dtype = self.dtype or torch.float32
@@ -133,10 +136,9 @@ class ActivationStats:
         a whitening: each as large as the statistics) is let go when the next layer reads another input; layers
         reading one input (q, k, v) come one after another and share it."""
         found = self.layers.get((origin, width))
-        last = self.__dict__.get("_last")
-        if last is not None and last is not found:
-            last.forget()
-        self.__dict__["_last"] = found
+        if self._last is not None and self._last is not found:
+            self._last.forget()
+        self._last = found
         return found
 
     def without(self, origins: set[str]) -> "ActivationStats":

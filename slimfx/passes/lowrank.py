@@ -63,7 +63,7 @@ def _owned(tensor: torch.Tensor) -> torch.Tensor:
 def _whitening(stats: LayerStats, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """S, S⁻¹ with S Sᵀ = XᵀX (small eigenvalues floored), made once per statistics object: q, k and v (gate
     and up) share their input's statistics, and so this eigendecomposition."""
-    cache = stats.__dict__.setdefault("_whitening", {})
+    cache = stats.derived.setdefault("whitening", {})
     if damp not in cache:
         evals, evecs = torch.linalg.eigh(stats.gram.to(torch.float64))
         floor = max(float(evals.max()), 1e-30) * damp

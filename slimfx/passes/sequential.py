@@ -221,8 +221,8 @@ class Placement:
 
     def __init__(self, program: Program, device: torch.device):
         self.program, self.device = program, torch.device(device)
-        weights = [program.tensor(n) for n in program.graph.nodes if program.is_weight(n)]
-        self.home = weights[0].device if weights else torch.device("cpu")
+        weight = next((program.tensor(n) for n in program.graph.nodes if program.is_weight(n)), None)
+        self.home = weight.device if weight is not None else torch.device("cpu")
         self.device_map = {self.home: self.device} if self.home != self.device else {}
         self.originals: dict[str, torch.Tensor] = {}  # target -> the model's own tensor, while a copy is out
 

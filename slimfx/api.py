@@ -81,7 +81,7 @@ def compress(
     budget: Any = None,
     workload: Any = None,
     tune: str = "model",
-    heal: int = 0,
+    heal: Any = 0,
     calibration_mode: str = "sequential",
     stats_dtype: torch.dtype = torch.float32,
     check_elements: int = CHECK_ELEMENTS,
@@ -103,7 +103,9 @@ def compress(
     setting for ``profile`` (this machine's built-in profile without one) at ``workload``
     (``{"batch": 1, "seq": 512, "phase": "decode"}``; the example inputs' sizes by default), priced by the cost
     model or, with ``tune="measure"``, timed here. ``heal=200`` then distils the compressed layers for 200 steps
-    against the original's outputs on the calibration batches. ``report.plans`` holds the plan.
+    against the original's outputs on the calibration batches (``heal="steps=1000,loss=kl,batches=32"`` or a
+    dict sets heal's other options: KL on logits, how many calibration batches it trains on). ``report.plans``
+    holds the plan.
 
     Data-aware passes (whitened factorize, Wanda/SparseGPT nm, GPTQ or corrected quant-lowrank) calibrate a model
     built from repeated blocks block by block (``calibration_mode="sequential"``, see ``passes/sequential.py``):

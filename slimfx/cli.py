@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", default=None, help="sizes the plan is priced at: batch=1,seq=512,phase=decode")
     p.add_argument("--tune", choices=["model", "measure"], default="model",
                    help="price the plan on the profile (model) or time its options on this machine (measure)")
-    p.add_argument("--heal", type=int, default=0, metavar="STEPS",
-                   help="distil the compressed layers against the original for STEPS steps")
+    p.add_argument("--heal", default="0", metavar="STEPS|OPTIONS",
+                   help="distil the compressed layers against the original for STEPS steps, or with heal's "
+                        "options: steps=1000,loss=kl,batches=32")
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("explain", help="print the IR after capture and after every pass")

@@ -83,6 +83,13 @@ def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.
 
 QUANT_LINEAR = torch.ops.slimfx.quant_linear.default
 
+
+def quant_linear_args(x, packed, scales, zeros, *, bits: int, group: int, in_features: int, bias=None, a=None,
+                      b=None, a_scale=None, b_scale=None) -> tuple:
+    """QUANT_LINEAR's twelve positional arguments (graph nodes or tensors), named once here so that a pass or a
+    pricing helper cannot put the correction where the bias goes."""
+    return (x, packed, scales, zeros, a, b, a_scale, b_scale, bias, bits, group, in_features)
+
 # The ops' math as plain differentiable torch functions (the custom ops have no autograd formula): healing runs
 # compressed layers through these to train their factors and kept values.
 REFERENCE = {LOWRANK_LINEAR: _lowrank_linear_reference, NM_LINEAR: _nm_linear_reference,

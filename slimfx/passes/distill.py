@@ -57,6 +57,18 @@ def output_error(program: Program, batches: list, reference: list,
     return num / max(den, 1e-30)
 
 
+@torch.no_grad()
+def distillation_loss(program: Program, batches: list, reference: list, loss: str = "mse",
+                      overrides: dict[fx.Node, Override] | None = None) -> float:
+    """What ``distill`` minimises, on ``batches``: the squared relative output error (``"mse"``), or the mean
+    KL divergence of the outputs' softmax from the original's (``"kl"``)."""
+    if loss == "mse":
+        return output_error(program, batches, reference, overrides)
+    total = sum(float(_kl(y.double(), y0.double())) for inputs, ref in zip(batches, reference)
+                for y, y0 in zip(run(program, inputs, overrides), ref))
+    return total / max(len(batches), 1)
+
+
 def trainable_weights(program: Program) -> list[str]:
     """The get_attr targets a distillation may train: trained (not buffer or constant) floating-point weights
     that no earlier pass constrained (a mask, factors, codes) and that only aten ops read (slimfx's compressed
@@ -76,12 +88,14 @@ def trainable_weights(program: Program) -> list[str]:
 
 def distill(program: Program, batches: list, reference: list, steps: int = 300, lr: float = 1e-3,
             pass_name: str = "depth-merge", targets: list[str] | None = None,
-            overrides: dict[fx.Node, Override] | None = None, relative_lr: bool = False) -> tuple[float, float]:
+            overrides: dict[fx.Node, Override] | None = None, relative_lr: bool = False,
+            loss: str = "mse", decay: bool = False) -> tuple[float, float]:
     """Fine-tune the program's trainable weights (or ``targets``) so its outputs match ``reference`` on
     ``batches``; ``overrides`` run nodes differentiably (compressed ops through their reference math).
     ``relative_lr`` scales each tensor's step by its RMS, so a small factor moves as much, relatively, as a large
-    one. Returns the output error (as ``output_error``) before and after."""
-    before = output_error(program, batches, reference, overrides)
+    one. ``loss="kl"`` matches the outputs' softmax instead of their values (for logits), and ``decay`` lowers the
+    learning rate to 0 along a cosine. Returns the loss (as ``distillation_loss``) before and after."""
+    before = distillation_loss(program, batches, reference, loss, overrides)
     targets = trainable_weights(program) if targets is None else targets
     if steps <= 0 or not targets or before == 0.0:
         return before, before
@@ -92,20 +106,22 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
     groups = [{"params": [p], "lr": lr * (float(p.detach().pow(2).mean().sqrt()) or 1.0 if relative_lr else 1.0)}
               for p in params.values()]
     optimizer = torch.optim.Adam(groups, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if decay else None
     energy = [sum(y.double().pow(2).mean().item() for y in ref) or 1.0 for ref in reference]
     with torch.enable_grad():
         for _, index in zip(range(steps), itertools.cycle(range(len(batches)))):
             for t, p in params.items():
                 _set(program.gm, t, p.to(originals[t].dtype))
             outputs = run(program, batches[index], overrides)
-            loss = sum(torch.nn.functional.mse_loss(y.float(), y0.float())
-                       for y, y0 in zip(outputs, reference[index])) / energy[index]
+            value = sum(LOSSES[loss](y.float(), y0.float()) for y, y0 in zip(outputs, reference[index]))
             optimizer.zero_grad()
-            loss.backward()
+            (value / energy[index] if loss == "mse" else value).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
     for t, p in params.items():
         _set(program.gm, t, p.detach().to(originals[t].dtype))
-    after = output_error(program, batches, reference, overrides)
+    after = distillation_loss(program, batches, reference, loss, overrides)
     if not after <= before:  # never leave the model worse than the fine-tuning found it (nor NaN)
         for t, value in originals.items():
             _set(program.gm, t, value)
@@ -116,6 +132,16 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
             info.kind, info.derived_by = "derived", pass_name
         info.note = (info.note + "; " if info.note else "") + f"distilled {steps} steps"
     return before, after
+
+
+def _kl(y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(y0) || softmax(y)) over the last dimension, averaged over the rest: the distillation loss of
+    logits, which weighs the classes the original finds likely (what perplexity and accuracy measure)."""
+    return torch.nn.functional.kl_div(y.log_softmax(-1).flatten(0, -2), y0.log_softmax(-1).flatten(0, -2),
+                                      log_target=True, reduction="batchmean")
+
+
+LOSSES = {"mse": torch.nn.functional.mse_loss, "kl": _kl}
 
 
 def _set(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:

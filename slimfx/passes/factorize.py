@@ -24,7 +24,7 @@ from ..codegen.lowrank import MAX_RANK
 from ..hw_profiles.cost_model import dense_linear, latency, lowrank_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.op_table import DENSE_LAYERS
-from ..ir.ops import LOWRANK_LINEAR, QUANT_LINEAR
+from ..ir.ops import LOWRANK_LINEAR, QUANT_LINEAR, quant_linear_args
 from ..ir.quant_format import pack
 from ..ir.program import CONV2D, LINEAR, Constraint, Program
 from ..progress import progress
@@ -230,10 +230,10 @@ class Factorize(Pass):
         def build(use: fx.Node) -> fx.Node:
             bias = use.args[2] if len(use.args) > 2 else None
             (v, v_scales, v_zeros, v_width), (u, u_scales, u_zeros, u_width) = stored
-            mid = program.graph.call_function(QUANT_LINEAR, (use.args[0], v, v_scales, v_zeros, None, None, None,
-                                                             None, None, bits, v_width, v_width))
-            return program.graph.call_function(QUANT_LINEAR, (mid, u, u_scales, u_zeros, None, None, None, None,
-                                                              bias, bits, u_width, u_width))
+            mid = program.graph.call_function(QUANT_LINEAR, quant_linear_args(
+                use.args[0], v, v_scales, v_zeros, bits=bits, group=v_width, in_features=v_width))
+            return program.graph.call_function(QUANT_LINEAR, quant_linear_args(
+                mid, u, u_scales, u_zeros, bias=bias, bits=bits, group=u_width, in_features=u_width))
 
         replace_each(program, uses, build, {"rank": rank, "factor_bits": bits, "pred_err": round(error, 4)})
         return "linear-int-factors"

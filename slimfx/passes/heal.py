@@ -20,7 +20,7 @@ import torch.fx as fx
 from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR, REFERENCE
 from ..ir.program import CONV2D, LINEAR, Program, fetch_attr
 from .base import Pass, PassContext, register
-from .distill import _set, distill, output_error
+from .distill import LOSSES, _set, distill, distillation_loss, output_error
 
 TRAINED_ARGS = {LOWRANK_LINEAR: (1, 2), NM_LINEAR: (1,), QUANT_LINEAR: (4, 5)}
 LOSSY_PASSES = ("factorize", "depth-merge", "nm", "quant-lowrank")
@@ -36,6 +36,8 @@ class Heal(Pass):
     steps: int = 200
     lr: float = 1e-2  # relative: each tensor's Adam step is this fraction of its RMS
     batches: int = 8  # calibration batches trained on (and scored on)
+    loss: str = "mse"  # "kl" when the outputs are logits (an LM's, a classifier's): what perplexity weighs
+    decay: bool = True  # the learning rate falls to 0 along a cosine over the steps
 
     def validate(self) -> None:
         if self.steps < 0:
@@ -44,6 +46,8 @@ class Heal(Pass):
             raise self.invalid("lr", "must be in (0, 1)")
         if self.batches < 1:
             raise self.invalid("batches", "must be >= 1")
+        if self.loss not in LOSSES:
+            raise self.invalid("loss", f"must be one of {', '.join(LOSSES)}")
 
     def run(self, program: Program, ctx: PassContext) -> Counter:
         from .plan import require_batches
@@ -60,19 +64,21 @@ class Heal(Pass):
         held = len(batches) // 4  # scored on batches it did not train on: a few batches are easy to overfit
         train, check = (batches[:-held], batches[-held:]) if held else (batches, batches)
         train_ref, check_ref = (reference[:-held], reference[-held:]) if held else (reference, reference)
-        before = output_error(program, check, check_ref, overrides)
-        distill(program, train, train_ref, self.steps, self.lr, self.name, targets, overrides, relative_lr=True)
-        after = output_error(program, check, check_ref, overrides)
-        if not after < before:  # it did not generalise: leave the compressed model as it was
+        before = distillation_loss(program, check, check_ref, self.loss, overrides)
+        error_before = output_error(program, check, check_ref, overrides)
+        distill(program, train, train_ref, self.steps, self.lr, self.name, targets, overrides, relative_lr=True,
+                loss=self.loss, decay=self.decay)
+        improved = distillation_loss(program, check, check_ref, self.loss, overrides) < before
+        if not improved:  # it did not generalise: leave the compressed model as it was
             for t, value in kept.items():
                 _set(program.gm, t, value)
-            after = before
+        error_after = output_error(program, check, check_ref, overrides) if improved else error_before
         where = f"{len(check)} held-out calibration batch(es)" if held else "the calibration data (too few batches " \
                                                                              "to hold some out)"
-        ctx.heal_errors = (math.sqrt(before), math.sqrt(after))
-        ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps on {len(train)} batch(es); output error "
-                 f"on {where} {math.sqrt(before):.4f} -> {math.sqrt(after):.4f}")
-        return Counter({"trained": len(targets)} if after < before else {"unchanged": len(targets)})
+        ctx.heal_errors = (math.sqrt(error_before), math.sqrt(error_after))  # relative output error, whatever the loss
+        ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps ({self.loss}) on {len(train)} batch(es); "
+                 f"output error on {where} {math.sqrt(error_before):.4f} -> {math.sqrt(error_after):.4f}")
+        return Counter({"trained": len(targets)} if improved else {"unchanged": len(targets)})
 
 
 def healable(program: Program) -> list[str]:

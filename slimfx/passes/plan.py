@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 from ..errors import BudgetError, CalibrationError, PipelineError
 from ..ir.program import Program
@@ -202,21 +202,44 @@ def require_batches(ctx: PassContext, what: str) -> None:
 LOSSY_PLANNED = ("factorize", "nm", "quant-lowrank")
 
 
-def with_budget(pipeline, budget=None, workload=None, tune: str = "model", heal: int = 0) -> list[Pass]:
+def heal_pass(heal: Any) -> Pass | None:
+    """The ``heal`` pass an entry point's ``heal=`` asks for: a number of steps (0: none), option text
+    (``"steps=1000,loss=kl"``), a mapping of options, or a Heal pass."""
+    from .base import make_pass
+    from .heal import Heal
+    from .pipeline import parse_pipeline
+
+    if isinstance(heal, Heal):
+        return heal
+    if isinstance(heal, str) and heal.strip().isdigit():
+        heal = int(heal)
+    if isinstance(heal, bool) or heal is None:
+        raise PipelineError(f"heal={heal!r}: give a number of steps (0: no healing), option text like "
+                            "'steps=1000,loss=kl', or a dict of heal's options")
+    if isinstance(heal, int):
+        return make_pass("heal", {"steps": heal}) if heal else None
+    if isinstance(heal, str):
+        return parse_pipeline(f"heal{{{heal}}}")[0]
+    if isinstance(heal, Mapping):
+        return make_pass("heal", heal)
+    raise PipelineError(f"heal= takes a number of steps, option text or a dict, got {type(heal).__name__}")
+
+
+def with_budget(pipeline, budget=None, workload=None, tune: str = "model", heal: Any = 0) -> list[Pass]:
     """The pipeline the entry points run for ``budget=``: its exact passes, then ``plan`` (given the budget,
     workload and tune), then ``heal`` when asked, then ``lower`` (measuring too with ``tune="measure"``)."""
     from ..plan.budget import Budget, Workload
-    from .heal import Heal
     from .lower import Lower
     from .pipeline import parse_pipeline
 
     passes = parse_pipeline(pipeline)
+    healing = heal_pass(heal)
     if tune not in ("model", "measure"):
         raise PipelineError(f"tune={tune!r} must be 'model' (priced on the profile) or 'measure' (timed here)")
     if budget is None:
         if workload is not None:
             raise PipelineError("workload= prices a plan: give budget= too (or plan{batch=...,seq=...} in the pipeline)")
-        return passes + ([Heal(steps=heal)] if heal else [])
+        return passes + ([healing] if healing else [])
     parsed, load = Budget.parse(budget), Workload.parse(workload)
     lossy = [p.name for p in passes if p.name in LOSSY_PLANNED]
     if lossy:
@@ -232,8 +255,8 @@ def with_budget(pipeline, budget=None, workload=None, tune: str = "model", heal:
         passes[planned[0]] = dataclasses.replace(passes[planned[0]], **options)  # the caller's pass stays as it was
     else:
         passes.append(PlanPass(**options))
-    if heal:
-        passes.append(Heal(steps=heal))
+    if healing:
+        passes.append(healing)
     if tune == "measure" and not any(p.name == "lower" for p in passes):
         passes.append(Lower(tune="measure"))
     return passes

@@ -26,7 +26,7 @@ import torch.fx as fx
 from ..errors import PipelineError
 from ..hw_profiles.cost_model import latency, quant_linear
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
-from ..ir.ops import QUANT_LINEAR
+from ..ir.ops import QUANT_LINEAR, quant_linear_args
 from ..ir.program import LINEAR, Constraint, Program
 from ..ir.quant_format import BITS, GroupParams, dequantize, pack
 from ..progress import progress
@@ -211,8 +211,9 @@ class QuantLowRank(Pass):
 
         def build(use: fx.Node) -> fx.Node:
             bias = use.args[2] if len(use.args) > 2 else None
-            return program.graph.call_function(QUANT_LINEAR, (use.args[0], packed, scales, zeros, a, b, a_scale,
-                                                              b_scale, bias, bits, group, in_f))
+            return program.graph.call_function(QUANT_LINEAR, quant_linear_args(
+                use.args[0], packed, scales, zeros, a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, bits=bits,
+                group=group, in_features=in_f))
 
         replace_each(program, uses, build, note)
 

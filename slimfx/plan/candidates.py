@@ -21,7 +21,7 @@ from ..codegen.registry import Region
 from ..hw_profiles.cost_model import latency
 from ..hw_profiles.op_costs import concrete, concrete_shape, node_kernels
 from ..ir.op_table import DENSE_LAYERS
-from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
+from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR, quant_linear_args
 from ..ir.program import CONV2D, Program, WeightInfo
 from ..ir.quant_format import GroupParams, dequantize, pack
 from ..ir.sparse_format import compress
@@ -303,8 +303,9 @@ def _price_quant(uses: list, weight: torch.Tensor, bits: int, group: int, rank: 
         def build(g, x, w):
             a = w(torch.zeros(out_f, rank, **like)) if rank else None
             b = w(torch.zeros(rank, in_f, **like)) if rank else None
-            return QUANT_LINEAR, (x, w(packed), w(scales), w(torch.zeros_like(scales)), a, b, None, None,
-                                  w(_bias(use, weight)), bits, group, in_f)
+            return QUANT_LINEAR, quant_linear_args(x, w(packed), w(scales), w(torch.zeros_like(scales)), a=a, b=b,
+                                                   bias=w(_bias(use, weight)), bits=bits, group=group,
+                                                   in_features=in_f)
         trial, node = _trial(use, build, pricing)
         return pricing.lowered(trial, node)
     return _sum_over_uses(uses, price)
@@ -318,9 +319,9 @@ def _price_int_lowrank(uses: list, weight: torch.Tensor, rank: int, bits: int, p
     def stage(use: fx.Node, rows: int, width: int, bias, first: bool):
         packed = pack(torch.zeros(rows, width, dtype=torch.uint8, device=weight.device), bits)
         scales = torch.ones(rows, 1, **like)
-        trial, node = _trial(use, lambda g, x, w: (QUANT_LINEAR, (x, w(packed), w(scales), w(torch.zeros_like(scales)),
-                                                                 None, None, None, None, w(bias), bits, width, width)),
-                             pricing, None if first else rank, rank if first else None)
+        trial, node = _trial(use, lambda g, x, w: (QUANT_LINEAR, quant_linear_args(
+            x, w(packed), w(scales), w(torch.zeros_like(scales)), bias=w(bias), bits=bits, group=width,
+            in_features=width)), pricing, None if first else rank, rank if first else None)
         return pricing.lowered(trial, node)
 
     def price(use: fx.Node):

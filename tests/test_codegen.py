@@ -267,6 +267,22 @@ def test_an_epilogue_operand_made_by_an_earlier_lowered_layer_is_read_from_its_r
     assert torch.allclose(result(x), plain(x), atol=1e-5)
 
 
+def test_an_int4_layer_whose_outputs_are_not_a_multiple_of_16_is_not_given_torchs_int4_kernel():
+    """A classifier head of 10 outputs: torch's int4 packing raises for it, so measuring (or running) must not
+    pick it; measured lowering and a budget plan measured here once crashed on the digits CNN's last layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 10)).eval()
+    x = torch.randn(4, 64)
+    pipeline = "quant-lowrank{bits=4,group=32,rank=0}"
+    result = slimfx.compress(model, (x,), pipeline=f"{pipeline},lower{{tune=measure,storage=compressed}}",
+                             profile="cpu-generic")
+    note = next(n for n in result.report.notes if n.startswith("lower: 0.weight"))
+    assert "torch-int4pack" not in note, note
+    assert "aten-dequant-linear" in note and "measured here" in note
+    canonical = slimfx.compress(model, (x,), pipeline=pipeline, lower=False)
+    assert torch.allclose(result(x), canonical(x), atol=1e-5)
+
+
 def test_measured_lowering_times_each_kernel_compiled_and_takes_the_fastest():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64)).eval()

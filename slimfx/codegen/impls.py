@@ -156,6 +156,8 @@ def _int4pack_why_not(program: Program, node: fx.Node) -> str | None:
         return f"group {group}: torch's int4 kernel takes groups of 32, 64, 128 or 256"
     if val(node.args[0]).dtype not in (torch.float32, torch.float16, torch.bfloat16) or in_f % 32:
         return "input dtype or width not supported by torch's int4 kernel"
+    if program.tensor(node.args[1]).shape[0] % 16:
+        return "torch's int4 kernel packs output features in 16s"
     if program.tensor(node.args[1]).device.type != "cpu":
         return "the weights are not on the CPU"
     return None

@@ -87,6 +87,41 @@ class Pricing:
         return priced[0][0], priced[0][1].name, runs_dense
 
 
+def _measured_conv(program: Program, use: fx.Node, rank: int | None, hints: dict) -> float:
+    """Seconds of the conv ``use`` compiled alone and timed at the workload's sizes on its device: as it is
+    (``rank`` None), or as ``factorize`` writes it at ``rank`` (a k×k conv to ``rank`` channels, then a 1×1 conv).
+    Cached per device with the other measured kernels. Narrow convs run far below the GEMM rate on a CPU, so the
+    roofline's FLOP count alone would call a factorization faster that is not."""
+    from ..hw_profiles.calibrate import measure
+    from ..passes.lower import MEASURED, device_key
+    from ..timing import random_like
+
+    x = random_like(use.args[0], hints)
+    weight = program.tensor(use.args[1])
+    bias = program.tensor(use.args[2]) if isinstance(use.args[2], fx.Node) else None
+    stride, padding, dilation = use.args[3:6]
+    cout, cin, kh, kw = weight.shape
+    key = "|".join(map(str, (device_key(x.device.type), "conv2d" if rank is None else f"conv2d-pair-r{rank}",
+                             x.dtype, tuple(x.shape), tuple(weight.shape), bias is not None, stride, padding,
+                             dilation)))
+
+    def time_it() -> float:
+        if rank is None:
+            def run(inputs):
+                return torch.nn.functional.conv2d(inputs, weight, bias, stride, padding, dilation)
+        else:
+            first = torch.randn(rank, cin, kh, kw, dtype=weight.dtype, device=weight.device)
+            second = torch.randn(cout, rank, 1, 1, dtype=weight.dtype, device=weight.device)
+
+            def run(inputs):
+                mid = torch.nn.functional.conv2d(inputs, first, None, stride, padding, dilation)
+                return torch.nn.functional.conv2d(mid, second, bias)
+        compiled = torch.compile(run, dynamic=False)
+        with torch.no_grad():
+            return measure(lambda: compiled(x), x.device.type, 0.02, 5)
+    return MEASURED.get(key, time_it)
+
+
 def layer_options(program: Program, stats, pricing: Pricing, grid: Grid, exclude: str = "",
                   without_stats: list[str] | None = None, decompositions: dict | None = None) -> list[LayerOptions]:
     """Options for every weight a lossy pass may rewrite (trained, unconstrained, not shared with another kind of
@@ -134,9 +169,9 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
     out_f, in_f = matrix.shape
     is_conv = node.target == CONV2D
     itemsize = weight.element_size()
-    # conv options are priced by the model (no trial kernel is timed for them), so their dense baseline is too
-    dense_pricing = dataclasses.replace(pricing, tune="model") if is_conv else pricing
-    dense_s = [dense_pricing.dense(program, u) for u in uses]
+    measuring = pricing.tune == "measure"
+    dense_s = [(_measured_conv(program, u, None, pricing.hints), True) if is_conv and measuring
+               else pricing.dense(program, u) for u in uses]
     options = [Option(Dense(), 0.0, sum(s for s, _ in dense_s), weight.numel() * itemsize, "dense",
                       any(m for _, m in dense_s))]
     approximations: dict[Decision, Callable[[], torch.Tensor]] = {}
@@ -155,13 +190,13 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                 ranks.add(rank)
         for rank in sorted(ranks):
             if is_conv:
-                seconds = sum(Factorize._latencies(u, rank, False, pricing.profile, pricing.hints)[1] for u in uses)
+                seconds = sum(_measured_conv(program, u, rank, pricing.hints) if measuring else
+                              Factorize._latencies(u, rank, False, pricing.profile, pricing.hints)[1] for u in uses)
                 kernel, stored = "two convs", rank * (out_f + in_f) * itemsize
             else:
                 seconds, kernel, dense_form = _price_lowrank(uses, weight, rank, pricing)
                 stored = weight.numel() * itemsize if dense_form else rank * (out_f + in_f) * itemsize
-            options.append(Option(LowRank(rank), factors.rel_error(rank), seconds, stored, kernel,
-                                  pricing.tune == "measure" and not is_conv))
+            options.append(Option(LowRank(rank), factors.rel_error(rank), seconds, stored, kernel, measuring))
             approximations[LowRank(rank)] = (lambda r=rank: _product(factors, r))
             for bits in grid.factor_bits if "quant" in grid.techniques and not is_conv else ():
                 coded = quantize_factors(*factors.truncate(rank, torch.float64), bits)  # codes: small to keep

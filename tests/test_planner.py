@@ -451,6 +451,32 @@ def test_heal_with_kl_on_an_lms_logits_loses_less_than_mse_and_takes_options_as_
     assert kl < 0.93 * mse, (mse, kl)  # measured: 0.137 against 0.154 (0.89x)
 
 
+def test_heal_with_kl_trains_an_hf_lm_on_its_logits_not_its_kv_cache():
+    """A default-style HF causal LM returns logits and a KV cache: KL is taken on the logits only (the cache's
+    tensors are not distributions), and healing still lowers the held-out output error."""
+    transformers = pytest.importorskip("transformers")
+    from slimfx.passes.distill import distillation_loss
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000)  # a small head: fast steps
+    model = transformers.GPT2LMHeadModel(config).eval()
+    cal = [(torch.randint(0, 1000, (4, 32)),) for _ in range(8)]
+    result = slimfx.compress(model, cal[0], pipeline="factorize{keep=0.5}", calibration=cal, profile="none",
+                             heal={"steps": 30, "loss": "kl"})
+    before, after = result.report.heal_errors
+    assert after < before and any("30 steps (kl)" in n for n in result.report.notes)
+    with torch.no_grad():
+        logits = model(cal[0][0]).logits
+    program = result.program
+    reference = [[t for t in torch.utils._pytree.tree_leaves(model(cal[0][0])) if t.is_floating_point()]]
+    assert torch.equal(reference[0][0], logits) and len(reference[0]) > 1  # logits first, then the cache
+    kl = distillation_loss(program, [list(cal[0])], reference, "kl")
+    expected = torch.nn.functional.kl_div(result(cal[0][0]).logits.double().log_softmax(-1).flatten(0, 1),
+                                          logits.double().log_softmax(-1).flatten(0, 1), log_target=True,
+                                          reduction="batchmean")
+    assert kl == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_bad_heal_options_say_what_to_change_on_every_entry_point():
     from slimfx.cli import main
 

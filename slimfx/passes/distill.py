@@ -61,11 +61,12 @@ def output_error(program: Program, batches: list, reference: list,
 def distillation_loss(program: Program, batches: list, reference: list, loss: str = "mse",
                       overrides: dict[fx.Node, Override] | None = None) -> float:
     """What ``distill`` minimises, on ``batches``: the squared relative output error (``"mse"``), or the mean
-    KL divergence of the outputs' softmax from the original's (``"kl"``)."""
+    KL divergence of the first output's softmax from the original's (``"kl"``: that output is the logits, as HF
+    models and classifiers return them first; a KV cache or hidden states after it are not logits)."""
     if loss == "mse":
         return output_error(program, batches, reference, overrides)
-    total = sum(float(_kl(y.double(), y0.double())) for inputs, ref in zip(batches, reference)
-                for y, y0 in zip(run(program, inputs, overrides), ref))
+    total = sum(float(_kl(run(program, inputs, overrides)[0].double(), ref[0].double()))
+                for inputs, ref in zip(batches, reference))
     return total / max(len(batches), 1)
 
 
@@ -113,9 +114,13 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
             for t, p in params.items():
                 _set(program.gm, t, p.to(originals[t].dtype))
             outputs = run(program, batches[index], overrides)
-            value = sum(LOSSES[loss](y.float(), y0.float()) for y, y0 in zip(outputs, reference[index]))
+            if loss == "kl":  # the first floating-point output: the logits, as HF models and classifiers return them
+                value = _kl(outputs[0].float(), reference[index][0].float())
+            else:
+                value = sum(torch.nn.functional.mse_loss(y.float(), y0.float())
+                            for y, y0 in zip(outputs, reference[index])) / energy[index]
             optimizer.zero_grad()
-            (value / energy[index] if loss == "mse" else value).backward()
+            value.backward()
             optimizer.step()
             if schedule is not None:
                 schedule.step()
@@ -137,11 +142,12 @@ def distill(program: Program, batches: list, reference: list, steps: int = 300, 
 def _kl(y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
     """KL(softmax(y0) || softmax(y)) over the last dimension, averaged over the rest: the distillation loss of
     logits, which weighs the classes the original finds likely (what perplexity and accuracy measure)."""
-    return torch.nn.functional.kl_div(y.log_softmax(-1).flatten(0, -2), y0.log_softmax(-1).flatten(0, -2),
+    return torch.nn.functional.kl_div(y.log_softmax(-1).reshape(-1, y.shape[-1]),
+                                      y0.log_softmax(-1).reshape(-1, y0.shape[-1]),
                                       log_target=True, reduction="batchmean")
 
 
-LOSSES = {"mse": torch.nn.functional.mse_loss, "kl": _kl}
+LOSSES = ("mse", "kl")
 
 
 def _set(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:

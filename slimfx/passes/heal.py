@@ -36,7 +36,7 @@ class Heal(Pass):
     steps: int = 200
     lr: float = 1e-2  # relative: each tensor's Adam step is this fraction of its RMS
     batches: int = 8  # calibration batches trained on (and scored on)
-    loss: str = "mse"  # "kl" when the outputs are logits (an LM's, a classifier's): what perplexity weighs
+    loss: str = "mse"  # "kl": match the softmax of the first output, the logits (an LM's, a classifier's)
     decay: bool = True  # the learning rate falls to 0 along a cosine over the steps
 
     def validate(self) -> None:

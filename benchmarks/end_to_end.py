@@ -7,8 +7,9 @@ For each model (the byte LM trained on the standard library's source; the digits
 - ``backend``: ``torch.compile(model, backend="slimfx", options={"budget": ..., "calibration": stats})``: the
   plan is made on every Dynamo graph from calibration statistics (no end-to-end scoring, no healing there);
 - ``compress``: ``slimfx.compress(model, budget=..., heal=...)`` (the planner weighs each layer by its measured
-  end-to-end sensitivity, then heals), then ``torch.compile``. The LM heals on 1,024 calibration windows of 64
-  bytes (65,536 distinct bytes of its 720 KB training text) for 1,000 steps of 32 windows, matching the
+  end-to-end sensitivity, then heals), then ``torch.compile``. The LM plans on 1,024 calibration windows of 64
+  bytes (32 batches) and heals on 24 of those batches (768 windows, 49,152 bytes of its 720 KB training text;
+  the other 8 are held out to decide whether healing is kept) for 1,000 steps of 32 windows, matching the
   original's next-byte distribution (KL): 2.0M bytes processed, two thirds of the 3.1M its training processed,
   so on this tiny model healing is not short; the CNN heals for 200 steps on its 8 calibration batches.
 

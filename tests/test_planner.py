@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -396,8 +397,12 @@ def test_measured_mode_never_plans_an_option_measured_slower_than_dense(digits_m
 def test_measured_mode_times_conv_factorizations_too(digits_cnn, tmp_path, monkeypatch):
     """Conv options were once priced by the roofline even in measured mode; on this CPU a conv factorized to
     r=40 of 64 channels has 0.76x the FLOPs and runs no faster."""
+    from torch._dynamo.utils import counters
+
     monkeypatch.setenv("SLIMFX_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # each timing must be a compile of its own
     model, data = digits_cnn
+    counters.clear()
     result = slimfx.compress(model, (data.test_x[:256],), pipeline="fold-bn,plan{techniques=lowrank,exclude=fc}",
                              budget={"max_error": 0.3}, tune="measure", calibration=calibration(data, 4))
     plan = result.report.plans[0]
@@ -407,6 +412,7 @@ def test_measured_mode_times_conv_factorizations_too(digits_cnn, tmp_path, monke
         assert option.latency_s <= plan.dense[layer].latency_s
     cached = json.loads((tmp_path / "measured.json").read_text())
     assert any("conv2d-pair" in key for key in cached) and any("|conv2d|" in key for key in cached)
+    assert not counters["graph_break"] and not counters["recompiles"], (counters["graph_break"], counters["recompiles"])
 
 
 # -- healing, the report, saving ---------------------------------------------------------------------------------------
@@ -483,9 +489,20 @@ def test_bad_heal_options_say_what_to_change_on_every_entry_point():
     model = nn.Sequential(nn.Linear(8, 8)).eval()
     x, cal = (torch.randn(4, 8),), [(torch.randn(4, 8),)] * 2
     for heal, message in [("steps=10,loss=l1", "loss='l1' must be one of mse, kl"), (True, "number of steps"),
-                          ({"stpes": 10}, "Did you mean 'steps'"), (-3, "steps=-3 must be >= 0"), ([10], "got list")]:
+                          ({"stpes": 10}, "Did you mean 'steps'"), (-3, "steps=-3 must be >= 0"), ([10], "got list"),
+                          ("-3", "steps=-3 must be >= 0"), ("  ", "is empty")]:
         with pytest.raises(PipelineError, match=re_escape(message)):
             slimfx.compress(model, x, calibration=cal, heal=heal)
+    with pytest.raises(PipelineError, match="first floating-point output, which must be logits"):
+        slimfx.compress(nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 1)).eval(), x, pipeline="factorize{keep=0.3}",
+                        profile="none",
+                        calibration=[(torch.randn(16, 8),)] * 4, heal="steps=5,loss=kl")  # one output: no softmax
+    from slimfx.passes.plan import heal_pass
+
+    assert heal_pass(None) is None and heal_pass(0) is None and heal_pass({"steps": 0}) is None
+    assert heal_pass(np.int64(7)).steps == 7 and heal_pass(" 5 ").steps == 5
+    for no_healing in (None, "0", {"steps": 0}):  # no calibration needed for no healing
+        slimfx.compress(model, x, heal=no_healing)
     assert main(["compress", "digits-mlp", "--budget", "latency=0.5", "--heal", "loss=l1"]) == 2
 
 

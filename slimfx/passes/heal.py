@@ -10,11 +10,13 @@ before and after. Kept only if that held-out error falls.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.fx as fx
 
 from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR, REFERENCE
@@ -52,12 +54,17 @@ class Heal(Pass):
     def run(self, program: Program, ctx: PassContext) -> Counter:
         from .plan import require_batches
 
+        if self.steps == 0:
+            return Counter()
         require_batches(ctx, "heal")
         batches, reference = ctx.reference
         targets = healable(program)
-        if self.steps == 0 or not targets:
-            return Counter({"unchanged": len(targets)})
+        if not targets:
+            return Counter({"unchanged": 0})
+        if self.loss == "kl":
+            check_logits(reference[0][0] if reference and reference[0] else None)
         kept = {t: fetch_attr(program.gm, t) for t in targets}
+        infos = {t: dataclasses.replace(program.weights[t]) for t in targets}
         balance_factors(program)
         overrides = {n: _reference(n) for n in program.graph.nodes
                      if n.op == "call_function" and n.target in REFERENCE}
@@ -68,17 +75,35 @@ class Heal(Pass):
         error_before = output_error(program, check, check_ref, overrides)
         distill(program, train, train_ref, self.steps, self.lr, self.name, targets, overrides, relative_lr=True,
                 loss=self.loss, decay=self.decay)
-        improved = distillation_loss(program, check, check_ref, self.loss, overrides) < before
+        after = distillation_loss(program, check, check_ref, self.loss, overrides)
+        improved = after < before
         if not improved:  # it did not generalise: leave the compressed model as it was
             for t, value in kept.items():
                 _set(program.gm, t, value)
+                program.weights[t] = infos[t]
         error_after = output_error(program, check, check_ref, overrides) if improved else error_before
         where = f"{len(check)} held-out calibration batch(es)" if held else "the calibration data (too few batches " \
                                                                              "to hold some out)"
         ctx.heal_errors = (math.sqrt(error_before), math.sqrt(error_after))  # relative output error, whatever the loss
+        judged = f"; KL of the logits {before:.5f} -> {after if improved else before:.5f}" if self.loss == "kl" else ""
         ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps ({self.loss}) on {len(train)} batch(es); "
-                 f"output error on {where} {math.sqrt(error_before):.4f} -> {math.sqrt(error_after):.4f}")
+                 f"output error on {where} {math.sqrt(error_before):.4f} -> {math.sqrt(error_after):.4f}{judged}"
+                 + ("" if improved else " (not kept: its loss did not fall there)"))
         return Counter({"trained": len(targets)} if improved else {"unchanged": len(targets)})
+
+
+def check_logits(output) -> None:
+    """``loss=kl`` reads the model's first floating-point output as logits over its last dimension."""
+    from ..errors import PipelineError
+
+    if output is None or output.dim() < 1 or output.shape[-1] < 2:
+        shape = "none" if output is None else tuple(output.shape)
+        raise PipelineError(f"heal{{loss=kl}} matches the softmax of the model's first floating-point output, which "
+                            f"must be logits over its last dimension; it has shape {shape} (a loss computed from "
+                            "labels in the batches comes first: leave the labels out, or use loss=mse)")
+    if not torch.isfinite(output).all():
+        raise PipelineError("heal{loss=kl}: the original's logits on the calibration batches are not all finite "
+                            "(masked with -inf?); use loss=mse")
 
 
 def healable(program: Program) -> list[str]:

@@ -203,26 +203,35 @@ LOSSY_PLANNED = ("factorize", "nm", "quant-lowrank")
 
 
 def heal_pass(heal: Any) -> Pass | None:
-    """The ``heal`` pass an entry point's ``heal=`` asks for: a number of steps (0: none), option text
+    """The ``heal`` pass an entry point's ``heal=`` asks for: a number of steps (0 or None: none), option text
     (``"steps=1000,loss=kl"``), a mapping of options, or a Heal pass."""
+    import numbers
+
     from .base import make_pass
     from .heal import Heal
     from .pipeline import parse_pipeline
 
-    if isinstance(heal, Heal):
-        return heal
-    if isinstance(heal, str) and heal.strip().isdigit():
-        heal = int(heal)
-    if isinstance(heal, bool) or heal is None:
+    if heal is None:
+        return None
+    if isinstance(heal, str):
+        try:
+            heal = int(heal.strip())
+        except ValueError:
+            if not heal.strip():
+                raise PipelineError("heal='' is empty: give a number of steps (0: no healing) or options like "
+                                    "'steps=1000,loss=kl'") from None
+    if isinstance(heal, bool):
         raise PipelineError(f"heal={heal!r}: give a number of steps (0: no healing), option text like "
                             "'steps=1000,loss=kl', or a dict of heal's options")
-    if isinstance(heal, int):
-        return make_pass("heal", {"steps": heal}) if heal else None
-    if isinstance(heal, str):
-        return parse_pipeline(f"heal{{{heal}}}")[0]
-    if isinstance(heal, Mapping):
-        return make_pass("heal", heal)
-    raise PipelineError(f"heal= takes a number of steps, option text or a dict, got {type(heal).__name__}")
+    if isinstance(heal, numbers.Integral):
+        heal = make_pass("heal", {"steps": int(heal)})
+    elif isinstance(heal, str):
+        heal = parse_pipeline(f"heal{{{heal}}}")[0]
+    elif isinstance(heal, Mapping):
+        heal = make_pass("heal", heal)
+    elif not isinstance(heal, Heal):
+        raise PipelineError(f"heal= takes a number of steps, option text or a dict, got {type(heal).__name__}")
+    return heal if heal.steps else None
 
 
 def with_budget(pipeline, budget=None, workload=None, tune: str = "model", heal: Any = 0) -> list[Pass]:

@@ -98,28 +98,43 @@ def _measured_conv(program: Program, use: fx.Node, rank: int | None, hints: dict
 
     x = random_like(use.args[0], hints)
     weight = program.tensor(use.args[1])
-    bias = program.tensor(use.args[2]) if isinstance(use.args[2], fx.Node) else None
-    stride, padding, dilation = use.args[3:6]
+    bias_node = use.args[2]
+    bias = (program.tensor(bias_node) if program.is_weight(bias_node) else random_like(bias_node, hints)) \
+        if isinstance(bias_node, fx.Node) else None
+    stride, padding, dilation = (tuple(a) for a in use.args[3:6])  # plain tuples: Dynamo cannot trace fx's lists
     cout, cin, kh, kw = weight.shape
     key = "|".join(map(str, (device_key(x.device.type), "conv2d" if rank is None else f"conv2d-pair-r{rank}",
-                             x.dtype, tuple(x.shape), tuple(weight.shape), bias is not None, stride, padding,
-                             dilation)))
+                             x.dtype, weight.dtype, tuple(x.shape), tuple(weight.shape), bias is not None, stride,
+                             padding, dilation)))
 
     def time_it() -> float:
         if rank is None:
-            def run(inputs):
-                return torch.nn.functional.conv2d(inputs, weight, bias, stride, padding, dilation)
+            module = _ConvPair(weight, None, bias, stride, padding, dilation)
         else:
-            first = torch.randn(rank, cin, kh, kw, dtype=weight.dtype, device=weight.device)
-            second = torch.randn(cout, rank, 1, 1, dtype=weight.dtype, device=weight.device)
-
-            def run(inputs):
-                mid = torch.nn.functional.conv2d(inputs, first, None, stride, padding, dilation)
-                return torch.nn.functional.conv2d(mid, second, bias)
-        compiled = torch.compile(run, dynamic=False)
+            like = dict(dtype=weight.dtype, device=weight.device)
+            module = _ConvPair(torch.randn(rank, cin, kh, kw, **like), torch.randn(cout, rank, 1, 1, **like), bias,
+                               stride, padding, dilation)
+        # a GraphModule of its own per measurement: its own code object, so no measurement counts as a
+        # recompile of another's (past Dynamo's limit it would be timed eagerly, and cached so)
+        compiled = torch.compile(fx.symbolic_trace(module), dynamic=False)
         with torch.no_grad():
             return measure(lambda: compiled(x), x.device.type, 0.02, 5)
     return MEASURED.get(key, time_it)
+
+
+class _ConvPair(torch.nn.Module):
+    """A conv (``second`` None) or a k×k conv followed by a 1×1 conv, for timing."""
+
+    def __init__(self, first, second, bias, stride, padding, dilation):
+        super().__init__()
+        self.first, self.second, self.bias = first, second, bias
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def forward(self, x):
+        conv = torch.nn.functional.conv2d
+        if self.second is None:
+            return conv(x, self.first, self.bias, self.stride, self.padding, self.dilation)
+        return conv(conv(x, self.first, None, self.stride, self.padding, self.dilation), self.second, self.bias)
 
 
 def layer_options(program: Program, stats, pricing: Pricing, grid: Grid, exclude: str = "",

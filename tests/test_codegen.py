@@ -267,34 +267,32 @@ def test_an_epilogue_operand_made_by_an_earlier_lowered_layer_is_read_from_its_r
     assert torch.allclose(result(x), plain(x), atol=1e-5)
 
 
+def _int4_lowered_by_measuring(out_features: int) -> str:
+    """One int4 linear layer lowered with every kernel timed here; checks it computes what the canonical op does
+    and returns lower's note on it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, out_features)).eval()
+    x = torch.randn(4, 64)
+    pipeline = "quant-lowrank{bits=4,group=32,rank=0}"
+    result = slimfx.compress(model, (x,), pipeline=f"{pipeline},lower{{tune=measure,storage=compressed}}",
+                             profile="cpu-generic")
+    canonical = slimfx.compress(model, (x,), pipeline=pipeline, lower=False)
+    assert torch.allclose(result(x), canonical(x), atol=1e-5)
+    return next(n for n in result.report.notes if n.startswith("lower: 0.weight"))
+
+
 def test_an_int4_layer_whose_outputs_are_not_a_multiple_of_16_is_not_given_torchs_int4_kernel():
     """A classifier head of 10 outputs: torch's int4 packing raises for it, so measuring (or running) must not
     pick it; measured lowering and a budget plan measured here once crashed on the digits CNN's last layer."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 10)).eval()
-    x = torch.randn(4, 64)
-    pipeline = "quant-lowrank{bits=4,group=32,rank=0}"
-    result = slimfx.compress(model, (x,), pipeline=f"{pipeline},lower{{tune=measure,storage=compressed}}",
-                             profile="cpu-generic")
-    note = next(n for n in result.report.notes if n.startswith("lower: 0.weight"))
+    note = _int4_lowered_by_measuring(10)
     assert "torch-int4pack" not in note, note
     assert "aten-dequant-linear" in note and "measured here" in note
-    canonical = slimfx.compress(model, (x,), pipeline=pipeline, lower=False)
-    assert torch.allclose(result(x), canonical(x), atol=1e-5)
 
 
 def test_measured_lowering_times_each_kernel_compiled_and_takes_the_fastest():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64)).eval()
-    x = torch.randn(4, 64)
-    pipeline = "quant-lowrank{bits=4,group=32,rank=0}"
-    result = slimfx.compress(model, (x,), pipeline=f"{pipeline},lower{{tune=measure,storage=compressed}}",
-                             profile="cpu-generic")
-    note = next(n for n in result.report.notes if n.startswith("lower: 0.weight"))
+    note = _int4_lowered_by_measuring(64)
     text = note.split(": ", 2)[2]  # "torch-int4pack (123.4 us measured here; vs aten-dequant-linear 567.8 us)"
     chosen = text.split(" ", 1)[0]
     timings = {name: float(us) for name, us in re.findall(r"([a-z0-9-]+) \(?([0-9.]+) us", text)}
     assert "measured here" in note and set(timings) == {"torch-int4pack", "aten-dequant-linear"}
     assert timings[chosen] == min(timings.values())
-    canonical = slimfx.compress(model, (x,), pipeline=pipeline, lower=False)
-    assert torch.allclose(result(x), canonical(x), atol=1e-5)

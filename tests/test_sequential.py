@@ -152,13 +152,17 @@ def test_compensation_is_the_ridge_least_squares_fit_solved_in_column_blocks():
     stats = LayerStats(torch.zeros(10, 10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64))
     for rows in range(0, 200, 50):
         stats.add(x_comp[rows : rows + 50], x_orig[rows : rows + 50])
-    weight = torch.randn(6, 10, dtype=torch.float64)
+    weight = torch.randn(6, 10, dtype=torch.float64)  # 6 rows of 10: the mix; 3 rows (below): solved directly
     gram, cross = x_comp.T @ x_comp, x_orig.T @ x_comp
     ridge = gram + 0.1 * gram.diagonal().mean() * torch.eye(10, dtype=torch.float64)
     expected = weight + weight @ (cross - gram) @ torch.linalg.inv(ridge)
     mix = stats._compensation(0.1, columns=3)
     torch.testing.assert_close(stats.compensate(weight), expected, rtol=1e-10, atol=1e-10)
     assert stats._compensation(0.1) is mix  # made once per statistics object
+    stats.forget()  # a weight of few rows (a down projection) is solved for directly, without the mix
+    narrow = weight[:3]
+    torch.testing.assert_close(stats.compensate(narrow), expected[:3], rtol=1e-10, atol=1e-10)
+    assert "compensation" not in stats.derived and "ridge_factor" in stats.derived
     # and it is the fit: on the drifted inputs the compensated weight reproduces the original outputs better
     before = (x_orig @ weight.T - x_comp @ weight.T).norm()
     assert (x_orig @ weight.T - x_comp @ expected.T).norm() < 0.5 * before

@@ -55,9 +55,16 @@ class LayerStats:
         it will actually see without chasing the errors of the blocks before (GPTAQ-style asymmetric calibration).
         Without cross statistics (one-shot) the weight itself. In the weight's dtype, at least float32."""
         dtype = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
-        mix = self._compensation(damp)
-        if mix is None:
+        if self.cross is None or torch.equal(self.cross, self.gram):
             return weight.detach().to(dtype)
+        if 2 * weight.shape[0] < weight.shape[1] and damp not in self.derived.get("compensation", {}):
+            # few rows (a down projection): solve for W's rows, W + [(G + λI)⁻¹ (C − G)ᵀ Wᵀ]ᵀ, instead of making
+            # the n x n mix: n²·rows multiply-adds instead of n³
+            factor = self._ridge_factor(damp)
+            rows_t = weight.detach().to(self.gram.dtype).T
+            rhs = torch.matmul(self.cross.T, rows_t).sub_(torch.matmul(self.gram, rows_t))  # (C − G)ᵀ Wᵀ, no n x n
+            return weight.detach().to(dtype) + torch.cholesky_solve(rhs, factor).T.to(dtype)
+        mix = self._compensation(damp)
         mix, out = mix.to(dtype), torch.empty(weight.shape, dtype=dtype, device=weight.device)
         for rows, block in zip(out.split(rows_per_block), weight.detach().split(rows_per_block)):
             torch.matmul(block.to(dtype), mix, out=rows)  # a block of rows at a time: no second copy of W
@@ -92,6 +99,20 @@ class LayerStats:
             cache[key] = (torch.linalg.cholesky(inverse, upper=True, out=inverse), dead, order)
         return cache[key]
 
+    def _ridge_factor(self, damp: float, keep: bool = True) -> torch.Tensor:
+        """The Cholesky factor of G + λI (λ a ``damp`` fraction of G's mean diagonal), kept for the next weight
+        reading these statistics when ``keep``."""
+        cache = self.derived.setdefault("ridge_factor", {})
+        if damp in cache:
+            return cache[damp]
+        factor = self.gram.clone()
+        factor.diagonal().add_(damp * float(self.gram.diagonal().mean()))
+        torch.linalg.cholesky(factor, out=factor)  # in place: one in x in matrix, not two
+        if keep:
+            cache.clear()
+            cache[damp] = factor
+        return factor
+
     def _compensation(self, damp: float, columns: int = 1024) -> torch.Tensor | None:
         """I + (C − G)(G + λI)⁻¹, made once per statistics object (q, k and v share it), or None where both
         streams agree (the first block) or there are no cross statistics."""
@@ -101,9 +122,7 @@ class LayerStats:
                 cache[damp] = None
             else:  # in the statistics' dtype: the ridge keeps G + λI well conditioned, float32 suffices
                 cache.clear()
-                factor = self.gram.clone()
-                factor.diagonal().add_(damp * float(self.gram.diagonal().mean()))
-                torch.linalg.cholesky(factor, out=factor)  # in place: one in x in matrix, not two
+                factor = self._ridge_factor(damp, keep=False)
                 # (C − G)(G + λI)⁻¹ = [(G + λI)⁻¹ (Cᵀ − G)]ᵀ, solved a block of columns at a time
                 mix_t = torch.empty_like(self.gram)
                 for cols in range(0, mix_t.shape[1], columns):

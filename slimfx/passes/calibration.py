@@ -113,25 +113,22 @@ class LayerStats:
             cache[damp] = factor
         return factor
 
-    def _compensation(self, damp: float, columns: int = 1024) -> torch.Tensor | None:
-        """I + (C − G)(G + λI)⁻¹, made once per statistics object (q, k and v share it), or None where both
-        streams agree (the first block) or there are no cross statistics."""
+    def _compensation(self, damp: float, columns: int = 1024) -> torch.Tensor:
+        """I + (C − G)(G + λI)⁻¹, made once per statistics object (q, k and v share it); ``compensate`` asks only
+        where there are cross statistics and both streams differ."""
         cache = self.derived.setdefault("compensation", {})
-        if damp not in cache:
-            if self.cross is None or torch.equal(self.cross, self.gram):
-                cache[damp] = None
-            else:  # in the statistics' dtype: the ridge keeps G + λI well conditioned, float32 suffices
-                cache.clear()
-                factor = self._ridge_factor(damp, keep=False)
-                # (C − G)(G + λI)⁻¹ = [(G + λI)⁻¹ (Cᵀ − G)]ᵀ, solved a block of columns at a time
-                mix_t = torch.empty_like(self.gram)
-                for cols in range(0, mix_t.shape[1], columns):
-                    part = slice(cols, cols + columns)
-                    mix_t[:, part] = torch.cholesky_solve(self.cross[part].T - self.gram[:, part], factor)
-                del factor
-                mix = mix_t.T
-                mix.diagonal().add_(1.0)
-                cache[damp] = mix
+        if damp not in cache:  # in the statistics' dtype: the ridge keeps G + λI well conditioned, float32 suffices
+            cache.clear()
+            factor = self._ridge_factor(damp, keep=False)
+            # (C − G)(G + λI)⁻¹ = [(G + λI)⁻¹ (Cᵀ − G)]ᵀ, solved a block of columns at a time
+            mix_t = torch.empty_like(self.gram)
+            for cols in range(0, mix_t.shape[1], columns):
+                part = slice(cols, cols + columns)
+                mix_t[:, part] = torch.cholesky_solve(self.cross[part].T - self.gram[:, part], factor)
+            del factor
+            mix = mix_t.T
+            mix.diagonal().add_(1.0)
+            cache[damp] = mix
         return cache[damp]
 
 

@@ -71,8 +71,9 @@ class Heal(Pass):
         held = len(batches) // 4  # scored on batches it did not train on: a few batches are easy to overfit
         train, check = (batches[:-held], batches[-held:]) if held else (batches, batches)
         train_ref, check_ref = (reference[:-held], reference[-held:]) if held else (reference, reference)
-        before = distillation_loss(program, check, check_ref, self.loss, overrides)
-        error_before = output_error(program, check, check_ref, overrides)
+        error_before = output_error(program, check, check_ref, overrides)  # what the report shows, whatever the loss
+        before = error_before if self.loss == "mse" else distillation_loss(program, check, check_ref, self.loss,
+                                                                             overrides)
         distill(program, train, train_ref, self.steps, self.lr, self.name, targets, overrides, relative_lr=True,
                 loss=self.loss, decay=self.decay)
         after = distillation_loss(program, check, check_ref, self.loss, overrides)
@@ -81,10 +82,11 @@ class Heal(Pass):
             for t, value in kept.items():
                 _set(program.gm, t, value)
                 program.weights[t] = infos[t]
-        error_after = output_error(program, check, check_ref, overrides) if improved else error_before
+        error_after = (after if self.loss == "mse" else output_error(program, check, check_ref, overrides)) \
+            if improved else error_before
         where = f"{len(check)} held-out calibration batch(es)" if held else "the calibration data (too few batches " \
                                                                              "to hold some out)"
-        ctx.heal_errors = (math.sqrt(error_before), math.sqrt(error_after))  # relative output error, whatever the loss
+        ctx.heal_errors = (math.sqrt(error_before), math.sqrt(error_after))
         judged = f"; KL of the logits {before:.5f} -> {after if improved else before:.5f}" if self.loss == "kl" else ""
         ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps ({self.loss}) on {len(train)} batch(es); "
                  f"output error on {where} {math.sqrt(error_before):.4f} -> {math.sqrt(error_after):.4f}{judged}"

@@ -87,11 +87,12 @@ class Pricing:
         return priced[0][0], priced[0][1].name, runs_dense
 
 
-def _measured_conv(program: Program, use: fx.Node, rank: int | None, hints: dict) -> float:
-    """Seconds of the conv ``use`` compiled alone and timed at the workload's sizes on its device: as it is
-    (``rank`` None), or as ``factorize`` writes it at ``rank`` (a k×k conv to ``rank`` channels, then a 1×1 conv).
-    Cached per device with the other measured kernels. Narrow convs run far below the GEMM rate on a CPU, so the
-    roofline's FLOP count alone would call a factorization faster that is not."""
+def _measured_conv_pair(program: Program, use: fx.Node, rank: int, hints: dict) -> float:
+    """Seconds of the conv ``use`` as ``factorize`` writes it at ``rank`` (a k×k conv to ``rank`` channels, then a
+    1×1 conv), compiled alone and timed at the workload's sizes on its device; cached per device with the other
+    measured kernels (the dense conv is timed as every dense layer is, ``Pricing.dense``). Narrow convs run far
+    below the GEMM rate on a CPU, so the roofline's FLOP count alone would call a factorization faster that is
+    not."""
     from ..hw_profiles.calibrate import measure
     from ..passes.lower import MEASURED, device_key
     from ..timing import random_like
@@ -103,17 +104,13 @@ def _measured_conv(program: Program, use: fx.Node, rank: int | None, hints: dict
         if isinstance(bias_node, fx.Node) else None
     stride, padding, dilation = (tuple(a) for a in use.args[3:6])  # plain tuples: Dynamo cannot trace fx's lists
     cout, cin, kh, kw = weight.shape
-    key = "|".join(map(str, (device_key(x.device.type), "conv2d" if rank is None else f"conv2d-pair-r{rank}",
-                             x.dtype, weight.dtype, tuple(x.shape), tuple(weight.shape), bias is not None, stride,
-                             padding, dilation)))
+    key = "|".join(map(str, (device_key(x.device.type), f"conv2d-pair-r{rank}", x.dtype, weight.dtype,
+                             tuple(x.shape), tuple(weight.shape), bias is not None, stride, padding, dilation)))
 
     def time_it() -> float:
-        if rank is None:
-            module = _ConvPair(weight, None, bias, stride, padding, dilation)
-        else:
-            like = dict(dtype=weight.dtype, device=weight.device)
-            module = _ConvPair(torch.randn(rank, cin, kh, kw, **like), torch.randn(cout, rank, 1, 1, **like), bias,
-                               stride, padding, dilation)
+        like = dict(dtype=weight.dtype, device=weight.device)
+        module = _ConvPair(torch.randn(rank, cin, kh, kw, **like), torch.randn(cout, rank, 1, 1, **like), bias,
+                           stride, padding, dilation)
         # a GraphModule of its own per measurement: its own code object, so no measurement counts as a
         # recompile of another's (past Dynamo's limit it would be timed eagerly, and cached so)
         compiled = torch.compile(fx.symbolic_trace(module), dynamic=False)
@@ -123,7 +120,7 @@ def _measured_conv(program: Program, use: fx.Node, rank: int | None, hints: dict
 
 
 class _ConvPair(torch.nn.Module):
-    """A conv (``second`` None) or a k×k conv followed by a 1×1 conv, for timing."""
+    """A k×k conv followed by a 1×1 conv, for timing."""
 
     def __init__(self, first, second, bias, stride, padding, dilation):
         super().__init__()
@@ -132,8 +129,6 @@ class _ConvPair(torch.nn.Module):
 
     def forward(self, x):
         conv = torch.nn.functional.conv2d
-        if self.second is None:
-            return conv(x, self.first, self.bias, self.stride, self.padding, self.dilation)
         return conv(conv(x, self.first, None, self.stride, self.padding, self.dilation), self.second, self.bias)
 
 
@@ -185,8 +180,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
     is_conv = node.target == CONV2D
     itemsize = weight.element_size()
     measuring = pricing.tune == "measure"
-    dense_s = [(_measured_conv(program, u, None, pricing.hints), True) if is_conv and measuring
-               else pricing.dense(program, u) for u in uses]
+    dense_s = [pricing.dense(program, u) for u in uses]
     options = [Option(Dense(), 0.0, sum(s for s, _ in dense_s), weight.numel() * itemsize, "dense",
                       any(m for _, m in dense_s))]
     approximations: dict[Decision, Callable[[], torch.Tensor]] = {}
@@ -205,7 +199,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                 ranks.add(rank)
         for rank in sorted(ranks):
             if is_conv:
-                seconds = sum(_measured_conv(program, u, rank, pricing.hints) if measuring else
+                seconds = sum(_measured_conv_pair(program, u, rank, pricing.hints) if measuring else
                               Factorize._latencies(u, rank, False, pricing.profile, pricing.hints)[1] for u in uses)
                 kernel, stored = "two convs", rank * (out_f + in_f) * itemsize
             else:
@@ -219,7 +213,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                 seconds, kernel, dense_form, stored = _price_int_lowrank(uses, weight, rank, bits, pricing)
                 options.append(Option(LowRank(rank, bits), error, seconds,
                                       rank * (out_f + in_f) * itemsize if dense_form else stored, kernel,
-                                      pricing.tune == "measure"))
+                                      measuring))
                 approximations[LowRank(rank, bits)] = coded.dense
 
     if "nm" in grid.techniques and not is_conv:

@@ -345,19 +345,22 @@ class WideMLP(nn.Module):
         return x + self.down(torch.nn.functional.silu(self.up(x)))
 
 
-def _options(model, example, cal, workload, profile="h100"):
+def _options(model, example, cal, workload, profile="h100", captured=None):
+    """(program, layer options, plan for a budget); ``captured``: a (program, stats, decompositions) to reuse."""
     from slimfx.hw_profiles.profiles import load_profile
     from slimfx.ir import capture
     from slimfx.passes.calibration import collect_stats
     from slimfx.plan.candidates import Grid, Pricing, layer_options
     from slimfx.plan.planner import Planner, workload_hints
 
-    program = capture(model, example)
-    stats = collect_stats(program, cal)
+    if captured is None:
+        program = capture(model, example)
+        captured = (program, collect_stats(program, cal), {})
+    program, stats, decompositions = captured
     profile = load_profile(profile)
     hints = workload_hints(program, workload)
     grid = Grid(keep=(0.1, 0.25, 0.5), bits=(4,), groups=(128,), ranks=(0, 16))
-    layers = layer_options(program, stats, Pricing("cuda", profile, hints), grid)
+    layers = layer_options(program, stats, Pricing("cuda", profile, hints), grid, decompositions=decompositions)
     return program, layers, lambda budget: Planner(program, layers, Budget.parse(budget), workload, profile, hints,
                                                    "model").plan()
 
@@ -367,8 +370,12 @@ def test_a_decode_plan_differs_from_a_prefill_plan_on_an_h100():
     model = WideMLP().eval()
     example = (torch.randn(2, 16, 1024),)
     cal = [(torch.randn(4, 128, 1024),) for _ in range(4)]  # 2,048 rows: more than the width
-    _, _, decode = _options(model, example, cal, Workload(batch=1, phase="decode"))
-    _, _, prefill = _options(model, example, cal, Workload(batch=8, seq=512))
+    from slimfx.passes.calibration import collect_stats
+
+    program = slimfx.capture(model, example)  # captured, calibrated and decomposed once for both workloads
+    captured = (program, collect_stats(program, cal), {})
+    _, _, decode = _options(model, example, cal, Workload(batch=1, phase="decode"), captured=captured)
+    _, _, prefill = _options(model, example, cal, Workload(batch=8, seq=512), captured=captured)
     decode_plan, prefill_plan = decode({"latency": 0.8}), prefill({"latency": 0.8})
     assert decode_plan.latency_ratio <= 0.8 and prefill_plan.latency_ratio <= 0.8
     decode_kinds = {type(o.decision) for o in decode_plan.layers.values()}
@@ -481,6 +488,32 @@ def test_heal_with_kl_trains_an_hf_lm_on_its_logits_not_its_kv_cache():
                                           logits.double().log_softmax(-1).flatten(0, 1), log_target=True,
                                           reduction="batchmean")
     assert kl == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_a_kl_heal_that_raises_the_output_error_past_max_error_is_not_kept(digits_mlp, monkeypatch):
+    """KL can fall while the relative output error (what a max_error budget reads) rises: under an error budget
+    such a heal is reverted, without one it is kept. The second reading of the output error (after training) is
+    forced to 0.9 to make the case certain."""
+    import slimfx.passes.heal as heal_module
+
+    model, data = digits_mlp
+    real, readings = heal_module.output_error, []
+
+    def rising(*args, **kwargs):
+        readings.append(real(*args, **kwargs))
+        return readings[-1] if len(readings) % 2 else 0.81  # squared: a relative error of 0.9
+
+    monkeypatch.setattr(heal_module, "output_error", rising)
+    x, cal = (data.test_x[:256],), calibration(data)
+    kept_result = slimfx.compress(model, x, pipeline="factorize{keep=0.5}", calibration=cal, profile="none",
+                                  heal="steps=20,loss=kl")
+    assert kept_result.report.heal_errors[1] == pytest.approx(0.9)
+    budgeted = slimfx.compress(model, x, budget={"max_error": 0.3}, calibration=cal, heal="steps=20,loss=kl",
+                               lower=False)
+    unhealed = slimfx.compress(model, x, budget={"max_error": 0.3}, calibration=cal, lower=False)
+    before, after = budgeted.report.heal_errors
+    assert after == before and any("exceeds the budget's max_error=0.3" in n for n in budgeted.report.notes)
+    assert torch.equal(budgeted(*x), unhealed(*x))  # the planned model as it was before healing
 
 
 def test_bad_heal_options_say_what_to_change_on_every_entry_point():

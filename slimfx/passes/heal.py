@@ -6,7 +6,8 @@ are not trained), the quantization corrections A and B (the codes, scales and ze
 weights of factorized and merged convs and linears. Compressed ops run through their reference math
 (differentiable) while training. The target is the original model's outputs on the calibration batches, computed
 before the first pass; a quarter of the batches are held out, and the report shows the output error on them
-before and after. Kept only if that held-out error falls.
+before and after. Kept only if its loss falls there, and (with ``loss=kl``) the output error stays within a
+max_error budget.
 """
 from __future__ import annotations
 
@@ -77,21 +78,30 @@ class Heal(Pass):
         distill(program, train, train_ref, self.steps, self.lr, self.name, targets, overrides, relative_lr=True,
                 loss=self.loss, decay=self.decay)
         after = distillation_loss(program, check, check_ref, self.loss, overrides)
-        improved = after < before
-        if not improved:  # it did not generalise: leave the compressed model as it was
+        error_after = after if self.loss == "mse" else output_error(program, check, check_ref, overrides)
+        why_not = "" if after < before else "its loss did not fall there"
+        cap = error_budget(ctx)  # a KL heal can lower the KL while the output error a max_error budget reads rises
+        if not why_not and cap is not None and math.sqrt(error_after) > max(cap, math.sqrt(error_before)):
+            why_not = f"its output error {math.sqrt(error_after):.4f} exceeds the budget's max_error={cap:g}"
+        if why_not:  # it did not generalise, or broke the budget: leave the compressed model as it was
             for t, value in kept.items():
                 _set(program.gm, t, value)
                 program.weights[t] = infos[t]
-        error_after = (after if self.loss == "mse" else output_error(program, check, check_ref, overrides)) \
-            if improved else error_before
+            error_after = error_before
         where = f"{len(check)} held-out calibration batch(es)" if held else "the calibration data (too few batches " \
                                                                              "to hold some out)"
         ctx.heal_errors = (math.sqrt(error_before), math.sqrt(error_after))
-        judged = f"; KL of the logits {before:.5f} -> {after if improved else before:.5f}" if self.loss == "kl" else ""
+        judged = f"; KL of the logits {before:.5f} -> {after:.5f} when trained" if self.loss == "kl" else ""
         ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps ({self.loss}) on {len(train)} batch(es); "
                  f"output error on {where} {math.sqrt(error_before):.4f} -> {math.sqrt(error_after):.4f}{judged}"
-                 + ("" if improved else " (not kept: its loss did not fall there)"))
-        return Counter({"trained": len(targets)} if improved else {"unchanged": len(targets)})
+                 + (f" (not kept: {why_not})" if why_not else ""))
+        return Counter({"unchanged": len(targets)} if why_not else {"trained": len(targets)})
+
+
+def error_budget(ctx: PassContext) -> float | None:
+    """The tightest max_error of the plans this run made (None: no error budget)."""
+    caps = [p.budget.max_error for p in ctx.plans if p.budget.max_error is not None]
+    return min(caps) if caps else None
 
 
 def check_logits(output) -> None:

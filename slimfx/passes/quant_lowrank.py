@@ -32,7 +32,7 @@ from ..ir.quant_format import BITS, GroupParams, dequantize, pack
 from ..progress import progress
 from .base import Pass, PassContext, claim_uses, first_use_of_each_weight, register, replace_each
 from .calibration import LayerStats, require_stats
-from .lowrank import LowRankFactors, factorize_matrix
+from .lowrank import LowRankFactors, factorize_matrix, quadratic
 from .quantizers import gptq, rtn
 
 CORRECTION_METHOD = {"lqer": "asvd", "eora": "whitened"}  # the factorization of ΔW each correction is
@@ -218,13 +218,14 @@ class QuantLowRank(Pass):
         replace_each(program, uses, build, note)
 
 
-def output_error(error: torch.Tensor, weight: torch.Tensor, stats: LayerStats | None) -> float:
-    """||X Eᵀ|| / ||X Wᵀ|| on the calibration data, or ||E|| / ||W|| without it."""
+def output_error(error: torch.Tensor, weight: torch.Tensor, stats: LayerStats | None,
+                 energy: float | None = None) -> float:
+    """||X Eᵀ|| / ||X Wᵀ|| on the calibration data, or ||E|| / ||W|| without it. ``energy``: ||X Wᵀ||², where the
+    caller scores many errors of one weight (it costs as much as the error's own term)."""
     if stats is None:
         return float(error.norm() / weight.norm().clamp_min(1e-30))
-    from .lowrank import quadratic
-
-    return (max(quadratic(error, stats.gram), 0.0) / max(quadratic(weight, stats.gram), 1e-30)) ** 0.5
+    energy = quadratic(weight, stats.gram) if energy is None else energy
+    return (max(quadratic(error, stats.gram), 0.0) / max(energy, 1e-30)) ** 0.5
 
 
 def quant_candidates(program: Program, node: fx.Node, stats=None, profile=None, bits=(2, 3, 4, 8),
@@ -240,6 +241,7 @@ def quant_candidates(program: Program, node: fx.Node, stats=None, profile=None, 
     hints, x = size_hints(program.graph), node.args[0]
     itemsize, dtype = x.meta["val"].element_size(), dtype_name(x)
     options = []
+    energy = quadratic(weight, layer_stats.gram) if layer_stats is not None else None
     for b in bits:
         for g in groups:
             if in_f % g:
@@ -247,7 +249,7 @@ def quant_candidates(program: Program, node: fx.Node, stats=None, profile=None, 
             codes, params = rtn(weight, b, g, symmetric=False)
             delta = weight - QuantLowRank._dequant(codes, params, g)
             factors = QuantLowRank._correction_factors(delta, layer_stats, correction)
-            scale = output_error(delta, weight, layer_stats)  # the uncorrected error, relative to W
+            scale = output_error(delta, weight, layer_stats, energy)  # the uncorrected error, relative to W
             for r in ranks:
                 if r >= min(out_f, in_f):
                     continue

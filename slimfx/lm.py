@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import cache_dir
+from .models import cache_dir, shipped_weights
 from .progress import progress
 
 
@@ -124,12 +124,7 @@ def pretrained_lm(seed: int = 0, steps: int = 1500, cache: bool = True) -> tuple
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), data
     if cache and (seed, steps) in SHIPPED:
-        from importlib import resources
-
-        from safetensors.torch import load as load_tensors
-
-        raw = resources.files("slimfx.data").joinpath(SHIPPED[seed, steps]).read_bytes()
-        model.load_state_dict(load_tensors(raw))
+        model.load_state_dict(shipped_weights(SHIPPED[seed, steps]))
         return model.eval(), data
     model = train_lm(model, data, steps=steps, seed=seed)
     if cache:

@@ -1,6 +1,7 @@
 """End to end: dense under torch.compile against slimfx, on the demo models, timed side by side, interleaved.
 
     python benchmarks/end_to_end.py [--budgets 0.9,0.85,0.8,0.75,0.7,0.6,0.5] [--heal-lm ...] [--heal-cnn ...]
+                                    [--models byte-lm,digits-cnn]
 
 For each model (the byte LM trained on the standard library's source; the digits CNN) and each latency budget:
 
@@ -51,10 +52,11 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.9,0.85,0.8,0.75,0.7,0.6,0.5")
     parser.add_argument("--heal-lm", default="steps=1000,batches=32,loss=kl")
     parser.add_argument("--heal-cnn", default="steps=200")
+    parser.add_argument("--models", default="byte-lm,digits-cnn", help="which of the demo's models to run")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for subject in subjects():
+    for subject in [s for s in subjects() if s.name in args.models.split(",")]:
         heal = args.heal_lm if subject.name == "byte-lm" else args.heal_cnn
         calibration = lm_calibration() if subject.name == "byte-lm" else subject.calibration
         dense_quality = subject.quality(subject.model)

@@ -105,37 +105,6 @@ def test_roofline_latency_by_hand():
         kernel_latency(Kernel(1e6, 1e3, "fp32", "sparse_gemm"), profile)
 
 
-def test_cpu_convs_add_their_activation_traffic_to_the_arithmetic_and_gpu_convs_overlap_it():
-    conv = Kernel(flops=1e9, bytes=4e6, dtype="fp32", kind="conv")
-    cpu, gpu = load_profile("cpu-generic"), load_profile("a100")
-    expected = cpu.launch_overhead_us * 1e-6 + cpu.conv_fixed_us * 1e-6 + 1e9 / (cpu.peak_flops("fp32") *
-                                                                                 cpu.conv_efficiency) + 4e6 / 12e9
-    assert cpu.conv_bandwidth_gbs == 12.0 and float(kernel_latency(conv, cpu)) == pytest.approx(expected)
-    roofline = max((1e9 + gpu.knee_gflop * 1e9) / (gpu.peak_flops("fp32") * gpu.conv_efficiency), 4e6 / gpu.bandwidth)
-    assert gpu.conv_bandwidth_gbs == 0 and float(kernel_latency(conv, gpu)) == pytest.approx(
-        roofline + gpu.launch_overhead_us * 1e-6)
-
-
-def test_the_conv_fit_recovers_the_parameters_that_made_the_timings():
-    from slimfx.hw_profiles.calibrate import CPU_CONV_GRID, fit_conv
-
-    peak = 100e9
-
-    def timings(rate, bandwidth, fixed):
-        out = []
-        for batch, cin, cout, hw, k in CPU_CONV_GRID:
-            flops, moved = 2.0 * batch * hw * hw * cin * cout * k * k, (batch * hw * hw * (cin + cout) + cin * cout * k * k) * 4.0
-            out.append((flops, moved, flops / rate + moved / bandwidth + fixed))
-        return out
-
-    efficiency, bandwidth, fixed = fit_conv(timings(60e9, 15e9, 40e-6), peak)
-    assert (efficiency, bandwidth, fixed) == pytest.approx((0.6, 15e9, 40e-6), rel=1e-6)
-    measured = timings(150e9, 15e9, 40e-6)  # arithmetic faster than the GEMM fit: capped at the GEMM rate
-    efficiency, bandwidth, fixed = fit_conv(measured, peak)
-    predicted = [f / peak + b / bandwidth + fixed for f, b, _ in measured]
-    assert efficiency == 1.0 and max(abs(p / t - 1) for p, (_, _, t) in zip(predicted, measured)) < 0.5
-
-
 @pytest.mark.parametrize("name, m", [("h100", 1), ("h100", 4096), ("cpu-generic", 64), ("l4", 16)])
 def test_break_even_rank_is_where_factorizing_stops_paying(name, m):
     profile = load_profile(name)
@@ -188,5 +157,4 @@ def test_calibration_writes_a_valid_profile(tmp_path):
     assert profile.device == "cpu" and profile.source == str(out)
     assert profile.peak_tflops["fp32"] > 1e-3 and profile.memory_bandwidth_gbs > 1.0
     assert profile.measured["gemm_points"] == 15
-    assert profile.conv_bandwidth_gbs > 0.1 and 0 < profile.conv_efficiency <= 1  # the CPU's additive conv form
     assert dataclasses.replace(profile, name="x").name == "x"

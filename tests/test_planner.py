@@ -154,13 +154,13 @@ def test_depth_merge_spans_are_options_of_the_joint_plan(digits_cnn):
 
     model, data = digits_cnn
     x, cal = (data.test_x[:256],), calibration(data)
-    with pytest.raises(BudgetError, match=r"lowest achievable is 0\.(2[6-9]|[3-9])"):
-        slimfx.compress(model, x, pipeline="fold-bn,plan{techniques=lowrank}", budget={"latency": 0.25},
+    with pytest.raises(BudgetError, match="lowest achievable is 0.2"):
+        slimfx.compress(model, x, pipeline="fold-bn,plan{techniques=lowrank}", budget={"latency": 0.2},
                         calibration=cal, profile="cpu-generic")
-    results = {heal: slimfx.compress(model, x, pipeline="fold-bn", budget={"latency": 0.25}, calibration=cal,
+    results = {heal: slimfx.compress(model, x, pipeline="fold-bn", budget={"latency": 0.2}, calibration=cal,
                                      profile="cpu-generic", heal=heal) for heal in (0, 100)}
     plan = results[0].report.plans[0]
-    assert plan.latency_ratio <= 0.25 + 1e-9
+    assert plan.latency_ratio <= 0.2 + 1e-9
     merge = Merge(("conv1.weight", "conv2.weight"))
     assert {k: o.decision for k, o in plan.layers.items() if o.decision.technique != "dense"} == {
         "conv1.weight": merge, "conv2.weight": merge, "fc1.weight": plan.layers["fc1.weight"].decision}

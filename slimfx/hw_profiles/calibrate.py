@@ -22,9 +22,6 @@ GEMM_GRID = [(m, n, k) for m in (16, 64, 256) for (n, k) in ((256, 256), (512, 1
                                                              (4096, 1024))]
 GEMV_GRID = [(512, 512), (1024, 1024), (1024, 4096), (2048, 2048)]
 CONV_GRID = [(2, 16, 32, 32, 3), (4, 64, 64, 16, 3), (4, 128, 64, 8, 1)]  # batch, cin, cout, hw, k
-# CPU convs: narrow and wide channels (a factorized conv's narrow middle is what the planner must price right)
-CPU_CONV_GRID = [(batch, cin, cout, hw, k) for batch, hw in ((256, 8), (64, 16)) for cin in (8, 32, 128)
-                 for cout in (8, 32, 128) for k in (1, 3) if cin * cout * k * k <= 32 * 128 * 9]
 
 
 def measure(fn: Callable[[], object], device: str = "cpu", min_time: float = 0.02, repeats: int = 5) -> float:
@@ -95,34 +92,15 @@ def fit_gemm(device: str, dtype: torch.dtype, launch: float, grid=GEMM_GRID) -> 
     return 1.0 / inv_peak, max(float(coef[1]), 0.0) / inv_peak, max(float(coef[2]), 0.0) / inv_peak
 
 
-def _conv_seconds(device: str, grid, launch: float) -> list[tuple[float, float, float]]:
-    """(flops, bytes, seconds past the launch) of each conv in ``grid``, as the cost model counts them."""
-    out = []
-    for batch, cin, cout, hw, kk in grid:
+def measure_conv_efficiency(device: str, launch: float, peak: float, knee: float) -> float:
+    """Median ratio of the GEMM-rate prediction to measured time over a few convs."""
+    ratios = []
+    for batch, cin, cout, hw, kk in CONV_GRID:
         x, w = torch.randn(batch, cin, hw, hw, device=device), torch.randn(cout, cin, kk, kk, device=device)
         seconds = measure(lambda: F.conv2d(x, w, None, 1, kk // 2), device) - launch
-        moved = (batch * hw * hw * (cin + cout) + cout * cin * kk * kk) * 4
-        out.append((2.0 * batch * hw * hw * cout * cin * kk * kk, float(moved), max(seconds, 1e-9)))
-    return out
-
-
-def measure_conv_efficiency(device: str, launch: float, peak: float, knee: float) -> float:
-    """Median ratio of the GEMM-rate prediction to measured time over a few convs (the roofline form, GPUs)."""
-    ratios = [((flops + knee) / peak) / seconds for flops, _, seconds in _conv_seconds(device, CONV_GRID, launch)]
+        flops = 2.0 * batch * hw * hw * cout * cin * kk * kk
+        ratios.append(((flops + knee) / peak) / max(seconds, 1e-9))
     return float(min(1.0, statistics.median(ratios)))
-
-
-def fit_conv(timings: list[tuple[float, float, float]], peak: float) -> tuple[float, float, float]:
-    """Least squares of ``t = flops/rate + bytes/bandwidth + fixed`` (relative error) -> (rate as a fraction of
-    the GEMM peak, at most 1; bandwidth in bytes/s; fixed seconds). The CPU's additive conv form."""
-    flops, moved, t = (np.array(v) for v in zip(*timings))
-    coef, *_ = np.linalg.lstsq(np.stack([flops, moved, np.ones_like(t)], 1) / t[:, None], np.ones_like(t),
-                               rcond=None)
-    efficiency = 1.0 if coef[0] <= 1.0 / peak else 1.0 / (float(coef[0]) * peak)
-    rest = t - flops / (peak * efficiency)  # the arithmetic at that rate; traffic and a fixed cost explain the rest
-    (per_byte, fixed), *_ = np.linalg.lstsq(np.stack([moved, np.ones_like(t)], 1) / t[:, None], rest / t, rcond=None)
-    per_byte = max(float(per_byte), 1e-15)  # never free: a fit on odd timings still counts the activations
-    return efficiency, 1.0 / per_byte, max(float(fixed), 0.0)
 
 
 def measure_weight_only(device: str, dense_seconds: Callable[[int, int, int], float]) -> dict:
@@ -180,11 +158,7 @@ def calibrate(device: str | None = None, name: str | None = None, base: str | No
         copy_bandwidth = measure_copy_bandwidth(device)
         bandwidth = measure_gemv_bandwidth(device, launch)
         peak, knee, pack = fit_gemm(device, torch.float32, launch)
-        conv_bandwidth = conv_fixed = 0.0
-        if device == "cpu":
-            conv_efficiency, conv_bandwidth, conv_fixed = fit_conv(_conv_seconds(device, CPU_CONV_GRID, launch), peak)
-        else:
-            conv_efficiency = measure_conv_efficiency(device, launch, peak, knee)
+        conv_efficiency = measure_conv_efficiency(device, launch, peak, knee)
         peaks = {"fp32": peak / 1e12}
         dtypes = [torch.bfloat16, torch.float16] if device == "cuda" else [torch.bfloat16]
         for dtype in dtypes:
@@ -217,8 +191,6 @@ def calibrate(device: str | None = None, name: str | None = None, base: str | No
         knee_gflop=knee / 1e9,
         pack_flops_per_weight=pack,
         conv_efficiency=conv_efficiency,
-        conv_bandwidth_gbs=conv_bandwidth / 1e9,
-        conv_fixed_us=conv_fixed * 1e6,
         sparse_speedup=float(sparse_speedup),
         sparse_extra_overhead_us=float(extras.get("sparse_extra_us", base_profile.sparse_extra_overhead_us)),
         dequant_overhead=float(extras.get("int4_weight_only_rel", base_profile.dequant_overhead)),

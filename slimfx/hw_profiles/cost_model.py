@@ -4,10 +4,8 @@ Per kernel: ``latency = Max(compute, memory) + launch`` with ``memory = bytes / 
 ``compute = (flops + knee + pack * weight_elems) / sustained_peak``. The knee is a fixed FLOP-equivalent cost
 (small GEMMs do not fill the machine); ``pack`` is a per-weight-element cost that GEMM libraries pay to pack the
 weight panel on every call and only large batches amortize. A single-row product (M = 1) is a GEMV: no
-packing, no knee, usually memory-bound. Convs run at ``conv`` times the GEMM rate; on a CPU profile (one with
-``conv_bandwidth_gbs``) their activation traffic adds to the arithmetic instead of overlapping it, because oneDNN
-reorders and unfolds activations in passes of their own: ``launch + fixed + flops/rate + bytes/conv_bandwidth``.
-Every term stays linear in the sizes, so the expressions can be solved.
+packing, no knee, usually memory-bound. Convs run at ``conv`` times the GEMM rate. Every term stays linear in the
+sizes, so the expressions can be solved.
 Because everything stays symbolic, questions like "up to which rank does a factorized layer pay?" are answered
 by solving (``break_even``), and Dynamo's symbolic sizes flow through unchanged.
 """
@@ -55,9 +53,6 @@ def kernel_latency(kernel: Kernel, profile: Profile) -> sympy.Expr:
         peak /= profile.dequant_overhead
     elif kernel.kind == "conv":
         peak *= profile.conv_efficiency
-        if profile.conv_bandwidth_gbs:
-            return (launch + profile.conv_fixed_us * 1e-6 + sympy.sympify(kernel.flops) / peak
-                    + sympy.sympify(kernel.bytes) / (profile.conv_bandwidth_gbs * 1e9))
     if kernel.kind in ("gemv", "quant_gemv"):  # one row: no GEMM tile to fill, bandwidth decides
         compute = sympy.sympify(kernel.flops) / peak
     else:

@@ -44,10 +44,6 @@ class Profile:
     int8_weight_only: bool
     int4_weight_only: bool
     dequant_overhead: float
-    # CPU convs (oneDNN) reorder and unfold their activations in passes of their own: those add to the arithmetic
-    # instead of overlapping it. When set, a conv costs launch + fixed + flops/rate + bytes/conv_bandwidth.
-    conv_bandwidth_gbs: float = 0.0  # 0: the roofline's Max(compute, memory), as on GPUs
-    conv_fixed_us: float = 0.0
     source: str = field(default="", compare=False)
     measured: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -114,9 +110,6 @@ def parse_profile(data: dict, source: str) -> Profile:
         pack_flops_per_weight=_get(eff, "pack_flops_per_weight", float, f"{where} [efficiency]", positive=False,
                                    optional=0.0),
         conv_efficiency=_get(eff, "conv", float, f"{where} [efficiency]", optional=1.0),
-        conv_bandwidth_gbs=_get(eff, "conv_bandwidth_gbs", float, f"{where} [efficiency]", positive=False,
-                                optional=0.0),
-        conv_fixed_us=_get(eff, "conv_fixed_us", float, f"{where} [efficiency]", positive=False, optional=0.0),
         sparse_speedup=_get(sparse, "speedup", float, f"{where} [sparse_2_4]"),
         sparse_dtypes=dtypes,
         sparse_extra_overhead_us=_get(sparse, "extra_overhead_us", float, f"{where} [sparse_2_4]", positive=False),
@@ -212,9 +205,7 @@ def to_toml(profile: Profile, comments: dict[str, str] | None = None) -> str:
     out += ["", "[efficiency]", line("matmul", profile.matmul_efficiency), line("memory", profile.memory_efficiency),
             line("knee_gflop", round(profile.knee_gflop, 6)),
             line("pack_flops_per_weight", round(profile.pack_flops_per_weight, 4)),
-            line("conv", round(profile.conv_efficiency, 4)),
-            line("conv_bandwidth_gbs", round(profile.conv_bandwidth_gbs, 3)),
-            line("conv_fixed_us", round(profile.conv_fixed_us, 3)), "", "[sparse_2_4]",
+            line("conv", round(profile.conv_efficiency, 4)), "", "[sparse_2_4]",
             line("speedup", profile.sparse_speedup), line("dtypes", list(profile.sparse_dtypes)),
             line("extra_overhead_us", profile.sparse_extra_overhead_us), "", "[quant]",
             line("int8_weight_only", profile.int8_weight_only), line("int4_weight_only", profile.int4_weight_only),

@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--models", default="byte-lm,digits-cnn", help="which of the demo's models to run")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
+    unknown = set(args.models.split(",")) - {"byte-lm", "digits-cnn"}
+    if unknown:
+        parser.error(f"unknown model(s) {sorted(unknown)}: choose from byte-lm, digits-cnn")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for subject in [s for s in subjects() if s.name in args.models.split(",")]:
         heal = args.heal_lm if subject.name == "byte-lm" else args.heal_cnn

@@ -215,10 +215,10 @@ def cache_dir() -> Path:
 
 
 # (name, seed, epochs) -> weights in slimfx/data, made by ``pretrained(..., cache=False)`` with torch 2.13 on a
-# 2-core CPU: the demo and the tests load them instead of training again (the MobileNet takes 25 s to train)
+# 2-core CPU: the demo, the CLI and the tests load them instead of training again
 SHIPPED = {(name, 0, epochs): f"{name}-seed0-epochs{epochs}.safetensors" for name, epochs in (
     ("digits-cnn", 20), ("digits-mlp", 20), ("digits-transformer", 20), ("digits-proj-cnn", 20),
-    ("digits-mobilenet", 8))}
+    ("digits-mobilenet", 20), ("digits-mobilenet", 8))}
 
 
 def shipped_weights(filename: str) -> dict[str, torch.Tensor]:

@@ -6,8 +6,9 @@ are not trained), the quantization corrections A and B (the codes, scales and ze
 weights of factorized and merged convs and linears. Compressed ops run through their reference math
 (differentiable) while training. The target is the original model's outputs on the calibration batches, computed
 before the first pass; a quarter of the batches are held out, and the report shows the output error on them
-before and after. Kept only if its loss falls there, and (with ``loss=kl``) the output error stays within a
-max_error budget.
+before and after. Kept only if its loss falls there and, with ``loss=kl`` under a max_error budget, the output
+error there does not rise above both that budget and its level before healing (held-out batches are a sample: the
+whole calibration set may still read a little differently).
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class Heal(Pass):
         where = f"{len(check)} held-out calibration batch(es)" if held else "the calibration data (too few batches " \
                                                                              "to hold some out)"
         ctx.heal_errors = (math.sqrt(error_before), math.sqrt(error_after))
-        judged = f"; KL of the logits {before:.5f} -> {after:.5f} when trained" if self.loss == "kl" else ""
+        judged = f"; KL of the logits there {before:.5f} -> {after:.5f}" if self.loss == "kl" else ""
         ctx.note(f"heal: {len(targets)} tensors trained {self.steps} steps ({self.loss}) on {len(train)} batch(es); "
                  f"output error on {where} {math.sqrt(error_before):.4f} -> {math.sqrt(error_after):.4f}{judged}"
                  + (f" (not kept: {why_not})" if why_not else ""))

@@ -184,7 +184,12 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
     options = [Option(Dense(), 0.0, sum(s for s, _ in dense_s), weight.numel() * itemsize, "dense",
                       any(m for _, m in dense_s))]
     approximations: dict[Decision, Callable[[], torch.Tensor]] = {}
-    energy = quadratic(matrix, layer_stats.gram) if layer_stats is not None else None  # every option's denominator
+    energy_of: list[float] = []  # ||X Wᵀ||², every scored option's denominator: made once, where one is scored
+
+    def energy() -> float | None:
+        if layer_stats is not None and not energy_of:
+            energy_of.append(quadratic(matrix, layer_stats.gram))
+        return energy_of[0] if energy_of else None
 
     if "lowrank" in grid.techniques:
         factors = factorize_matrix(matrix, "whitened", layer_stats)
@@ -210,7 +215,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
             approximations[LowRank(rank)] = (lambda r=rank: _product(factors, r))
             for bits in grid.factor_bits if "quant" in grid.techniques and not is_conv else ():
                 coded = quantize_factors(*factors.truncate(rank, torch.float64), bits)  # codes: small to keep
-                error = output_error(coded.dense() - matrix.to(torch.float64), matrix, layer_stats, energy)
+                error = output_error(coded.dense() - matrix.to(torch.float64), matrix, layer_stats, energy())
                 seconds, kernel, dense_form, stored = _price_int_lowrank(uses, weight, rank, bits, pricing)
                 options.append(Option(LowRank(rank, bits), error, seconds,
                                       rank * (out_f + in_f) * itemsize if dense_form else stored, kernel,
@@ -225,7 +230,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                 pruned, _ = sparsegpt(weight, layer_stats, n, m)
             else:
                 pruned = weight * wanda_mask(weight, layer_stats, n, m)
-            error = output_error(pruned - weight, weight, layer_stats, energy)
+            error = output_error(pruned - weight, weight, layer_stats, energy())
             seconds, kernel, dense_form, stored = _price_nm(uses, weight, n, m, pricing)
             options.append(Option(Sparse(n, m), error, seconds, weight.numel() * itemsize if dense_form else stored,
                                   kernel, pricing.tune == "measure"))

@@ -13,9 +13,10 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..hw_profiles.cost_model import Kernel, _gemm_kind, dense_linear, lowrank_linear, nm_linear, quant_linear
+from ..hw_profiles.cost_model import (Kernel, _gemm_kind, dense_linear, int8_linear, lowrank_linear, nm_linear,
+                                      quant_linear)
 from ..hw_profiles.op_costs import COST_RULES, dtype_name, numel, shape, val
-from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
+from ..ir.ops import INT8_LINEAR, LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
 from ..ir.program import LINEAR, Program
 from ..ir.quant_format import GroupParams, dequantize, unpack
 from ..ir.sparse_format import decompress, index_bits
@@ -285,6 +286,67 @@ register(Impl("triton-nm", NM_LINEAR, "cuda", True, True, lambda p, n: None, _nm
               "generated Triton kernel: loads the kept values and indices, expands them on chip"))
 
 
+# -- W8A8 ---------------------------------------------------------------------------------------------------------
+
+def _int8_cost(int_mm: bool):
+    def cost(node: fx.Node) -> list[Kernel]:
+        rows, itemsize, dtype = _sizes(node)
+        out_f, in_f = shape(node.args[1])
+        if int_mm:
+            return int8_linear(rows, out_f, in_f, itemsize, dtype)
+        quantize = int8_linear(rows, out_f, in_f, itemsize, dtype)[0]  # the same rows, a float GEMM on their levels
+        return [quantize, Kernel(out_f * in_f, out_f * in_f * (1 + itemsize), dtype, "elementwise"),
+                *dense_linear(rows, out_f, in_f, itemsize, dtype)]
+    return cost
+
+
+def _emit_int8(int_mm: bool):
+    """The op's math in aten ops, so Inductor fuses the row quantization and the rescale around the GEMM: with
+    ``int_mm`` an int8 x int8 -> int32 product (aten._int_mm), else a float GEMM on the integer levels."""
+    def emit(program: Program, region: Region) -> fx.Node:
+        node = region.node
+        x, codes, scales, bias = node.args
+        out_f, in_f = val(codes).shape
+        dtype = val(node).dtype
+        lead = list(val(node).shape[:-1])
+        flat = _call(program, aten.reshape.default, x, [-1, in_f]) if len(lead) != 1 else x
+        amax = _call(program, aten.amax.default, _call(program, aten.abs.default, flat), [-1], True)
+        step = _call(program, aten.div.Tensor, _call(program, aten.clamp_min.default, amax, 1e-12), 127.0)
+        levels = _call(program, aten.clamp.default, _call(program, aten.round.default,
+                                                          _call(program, aten.div.Tensor, flat, step)), -127.0, 127.0)
+        if int_mm:
+            ints = program.graph.call_function(aten._to_copy.default, (levels,), {"dtype": torch.int8})
+            transposed = _derived(program, codes, "t", program.tensor(codes).t().contiguous(),
+                                  "int8 codes laid out [in, out] for aten._int_mm")
+            product = program.graph.call_function(aten._to_copy.default,
+                                                  (_call(program, aten._int_mm.default, ints, transposed),),
+                                                  {"dtype": dtype})
+        else:
+            product = _call(program, LINEAR, levels, inline(program, lambda c: c.to(dtype), [codes]))
+        y = _call(program, aten.mul.Tensor, product,
+                  _call(program, aten.mul.Tensor, step, inline(program, lambda s: s.to(dtype), [scales])))
+        if len(lead) != 1:
+            sizes = [d if isinstance(d, int) else _call(program, aten.sym_size.int, x, i) for i, d in enumerate(lead)]
+            y = _call(program, aten.reshape.default, y, [*sizes, out_f])
+        return _add_bias(program, y, bias)
+    return emit
+
+
+def _int_mm_why_not(program: Program, node: fx.Node) -> str | None:
+    if val(node.args[0]).dtype not in (torch.float32, torch.bfloat16):
+        return "the int8 path is written for float32 and bfloat16 inputs"
+    if program.tensor(node.args[1]).device.type != "cpu":
+        return "the weights are not on the CPU"
+    return None
+
+
+register(Impl("aten-int8-mm", INT8_LINEAR, "cpu", False, True, _int_mm_why_not, _int8_cost(True), _emit_int8(True),
+              "rows quantized in aten ops (Inductor fuses them), an int8 x int8 GEMM (aten._int_mm), rescaled"))
+for device in ("cpu", "cuda"):
+    register(Impl("aten-int8-float-gemm", INT8_LINEAR, device, False, True, lambda p, n: None, _int8_cost(False),
+                  _emit_int8(False), "the same math with a float GEMM on the integer levels (codes widened per call)"))
+
+
 # -- cost rules of the ops the implementations emit (so the report and the planner price lowered graphs) ------
 
 def _int4pack_mm(node: fx.Node) -> list[Kernel]:
@@ -293,5 +355,10 @@ def _int4pack_mm(node: fx.Node) -> list[Kernel]:
     return quant_linear(rows, shape(scales_and_zeros)[1], shape(x)[-1], 4, group, 0, itemsize, dtype)
 
 
+def _int_mm(node: fx.Node) -> list[Kernel]:
+    (m, k), n = shape(node.args[0]), shape(node.args[1])[1]
+    return [Kernel(2 * m * n * k, m * k + k * n + 4 * m * n, "int8", _gemm_kind(m), k * n)]
+
+
 COST_RULES.update({LOWRANK_FUSED: _lowrank_cost(True), QUANT_FUSED: _quant_cost(True), NM_FUSED: _nm_cost("load-as-sparse"),
-                   aten._weight_int4pack_mm_for_cpu.default: _int4pack_mm})
+                   aten._weight_int4pack_mm_for_cpu.default: _int4pack_mm, aten._int_mm.default: _int_mm})

@@ -103,6 +103,21 @@ def measure_conv_efficiency(device: str, launch: float, peak: float, knee: float
     return float(min(1.0, statistics.median(ratios)))
 
 
+def measure_int8_peak(device: str, launch: float) -> float | None:
+    """Int8 x int8 -> int32 GEMM throughput (aten._int_mm), median over the large calibration shapes; None where
+    torch has no such kernel for the device. VNNI, AMX and tensor cores make it several times the float rate."""
+    rates = []
+    for m, n, k in GEMM_GRID[-5:]:
+        x = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+        w = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=device)
+        try:
+            seconds = measure(lambda: torch._int_mm(x, w), device) - launch
+        except (RuntimeError, AttributeError):
+            return None
+        rates.append(2.0 * m * n * k / max(seconds, 1e-9))
+    return float(statistics.median(rates))
+
+
 def measure_weight_only(device: str, dense_seconds: Callable[[int, int, int], float]) -> dict:
     """Relative cost of torch's int8/int4 weight-only matmuls against dense, on one mid-size shape."""
     result = {}
@@ -170,6 +185,9 @@ def calibrate(device: str | None = None, name: str | None = None, base: str | No
             w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
             return measure(lambda: F.linear(x, w), device)
 
+        int8 = measure_int8_peak(device, launch)
+        if int8 is not None:
+            peaks["int8"] = int8 / 1e12
         extras = measure_weight_only(device, dense_seconds) if device == "cpu" else {}
         extras.update(measure_2_4(device))
     label = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()}-thread CPU"

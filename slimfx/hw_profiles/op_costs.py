@@ -14,9 +14,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
+from ..ir.ops import INT8_LINEAR, LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
 from ..ir.program import BATCH_NORM, CONV2D, LINEAR
-from .cost_model import Kernel, conv2d, dense_linear, kernel_latency, lowrank_linear, nm_linear, quant_linear
+from .cost_model import Kernel, conv2d, dense_linear, int8_linear, kernel_latency, lowrank_linear, nm_linear, quant_linear
 from .profiles import Profile
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8",
@@ -79,6 +79,12 @@ def _quant_linear(node: fx.Node) -> list[Kernel]:
                         dtype_name(x))
 
 
+def _int8_linear(node: fx.Node) -> list[Kernel]:
+    x, codes = node.args[0], node.args[1]
+    out_f, in_f = shape(codes)
+    return int8_linear(numel(shape(x)[:-1]), out_f, in_f, val(x).element_size(), dtype_name(x))
+
+
 def _conv2d(node: fx.Node) -> list[Kernel]:
     x, w = node.args[0], node.args[1]
     batch, cin, h_in, w_in = shape(x)
@@ -99,7 +105,7 @@ def _elementwise(node: fx.Node) -> list[Kernel]:
 
 COST_RULES: dict[Any, Callable[[fx.Node], list[Kernel]]] = {
     LINEAR: _linear, CONV2D: _conv2d, BATCH_NORM: _elementwise, LOWRANK_LINEAR: _lowrank_linear,
-    NM_LINEAR: _nm_linear, QUANT_LINEAR: _quant_linear,
+    NM_LINEAR: _nm_linear, QUANT_LINEAR: _quant_linear, INT8_LINEAR: _int8_linear,
 }
 
 _VIEW_NAMES = {"view", "reshape", "flatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
+from .ops import INT8_LINEAR, LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
 from .program import CONV2D, LINEAR
 
 
@@ -57,6 +57,7 @@ WEIGHTED_OPS = {op.target: op for op in (
     WeightedOp("lowrank_linear", LOWRANK_LINEAR, (1, 2), 3, _feature_rows, dense=False),
     WeightedOp("nm_linear", NM_LINEAR, (1, 2), 3, _feature_rows, dense=False),
     WeightedOp("quant_linear", QUANT_LINEAR, (1, 2, 3, 4, 5, 6, 7), 8, _feature_rows, dense=False),
+    WeightedOp("int8_linear", INT8_LINEAR, (1, 2), 3, _feature_rows, dense=False),
 )}
 DENSE_LAYERS = tuple(t for t, op in WEIGHTED_OPS.items() if op.dense)
 

@@ -90,7 +90,32 @@ def quant_linear_args(x, packed, scales, zeros, *, bits: int, group: int, in_fea
     pricing helper cannot put the correction where the bias goes."""
     return (x, packed, scales, zeros, a, b, a_scale, b_scale, bias, bits, group, in_features)
 
+def _int8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = deq(Q(x)) · deq(W)ᵀ + bias, int8 on both sides (W8A8): each row of x is quantized on every call
+    (symmetric, by its absolute maximum), W per output channel (``codes`` int8 [out, in], ``scales`` [out]). The
+    integer products are exact in float32 up to 1,040 input features. Reference: quantize, GEMM, rescale; rounding
+    passes gradients straight through, so healing can train the layers around it."""
+    step = x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    scaled = x / step
+    levels = scaled + (torch.round(scaled).clamp(-127, 127) - scaled).detach()
+    y = F.linear(levels, codes.to(x.dtype)) * (step * scales.to(x.dtype))
+    return y if bias is None else y + bias
+
+
+int8_linear = torch.library.custom_op("slimfx::int8_linear", mutates_args=())(_int8_linear_reference)
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    torch._check(x.shape[-1] == codes.shape[1], lambda: f"int8_linear: x has {x.shape[-1]} features, codes expect "
+                                                        f"{codes.shape[1]}")
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+INT8_LINEAR = torch.ops.slimfx.int8_linear.default
+
 # The ops' math as plain differentiable torch functions (the custom ops have no autograd formula): healing runs
 # compressed layers through these to train their factors and kept values.
 REFERENCE = {LOWRANK_LINEAR: _lowrank_linear_reference, NM_LINEAR: _nm_linear_reference,
-             QUANT_LINEAR: _quant_linear_reference}
+             QUANT_LINEAR: _quant_linear_reference, INT8_LINEAR: _int8_linear_reference}

@@ -24,11 +24,11 @@ from ..codegen.epilogue import find_epilogue
 from ..codegen.registry import Impl, Region, impls_for
 from ..hw_profiles.cost_model import latency
 from ..hw_profiles.op_costs import concrete, node_kernels, size_hints
-from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
+from ..ir.ops import INT8_LINEAR, LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR
 from ..ir.program import Program
 from .base import Pass, PassContext, register
 
-COMPRESSED = (LOWRANK_LINEAR, QUANT_LINEAR, NM_LINEAR)
+COMPRESSED = (LOWRANK_LINEAR, QUANT_LINEAR, NM_LINEAR, INT8_LINEAR)
 
 
 @register

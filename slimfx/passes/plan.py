@@ -23,7 +23,7 @@ from .base import Pass, PassContext, register
 from .calibration import ActivationStats, calibration_inputs, require_stats
 from .sequential import find_segments, run_pass
 
-TECHNIQUES = ("lowrank", "nm", "quant", "depth")
+TECHNIQUES = ("lowrank", "nm", "quant", "int8", "depth")
 
 
 @register
@@ -39,7 +39,7 @@ class PlanPass(Pass):
     seq: Optional[int] = None  # workload: its second dimension
     phase: Literal["prefill", "decode"] = "prefill"
     tune: Literal["model", "measure"] = "model"
-    techniques: str = "lowrank|nm|quant|depth"
+    techniques: str = "lowrank|nm|quant|int8|depth"
     search: int = 0  # generations of the end-to-end evolutionary refinement (0: the knapsack's plan)
     nm_method: Literal["wanda", "sparsegpt"] = "wanda"
     exclude: str = ""  # regex on weight names to leave dense
@@ -141,7 +141,7 @@ class PlanPass(Pass):
         for pass_ in plan_passes(plan, self.nm_method, grid.correction):
             done = run_pass(pass_, program, ctx)  # block by block where the model has blocks (sequential calibration)
             rewritten = sum(v for k, v in done.items() if not k.startswith("skipped") and k != "permuted")
-            technique = {"factorize": "lowrank", "nm": "nm", "quant-lowrank": "quant"}[pass_.name]
+            technique = {"factorize": "lowrank", "nm": "nm", "quant-lowrank": "quant", "int8-dynamic": "int8"}[pass_.name]
             if rewritten != expected[technique]:
                 skipped = [f"{s.layer}: {s.reason}" for s in ctx.skipped if s.pass_name == pass_.name]
                 raise PipelineError(f"plan: {pass_.name} rewrote {rewritten} of the {expected[technique]} layers "

@@ -21,7 +21,7 @@ from ..codegen.registry import Region
 from ..hw_profiles.cost_model import latency
 from ..hw_profiles.op_costs import concrete, concrete_shape, node_kernels
 from ..ir.op_table import DENSE_LAYERS
-from ..ir.ops import LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR, quant_linear_args
+from ..ir.ops import INT8_LINEAR, LOWRANK_LINEAR, NM_LINEAR, QUANT_LINEAR, quant_linear_args
 from ..ir.program import CONV2D, Program, WeightInfo
 from ..ir.quant_format import GroupParams, dequantize, pack
 from ..ir.sparse_format import compress
@@ -34,14 +34,14 @@ from ..passes.nm_masks import sparsegpt, wanda_mask
 from ..passes.quant_lowrank import QuantLowRank, output_error, quant_candidates
 from ..passes.quantizers import quantize_factors
 from ..progress import progress
-from .options import Decision, Dense, LayerOptions, LowRank, Option, Quant, Sparse
+from .options import Decision, Dense, Int8, LayerOptions, LowRank, Option, Quant, Sparse
 
 
 @dataclass(frozen=True)
 class Grid:
     """Which options each technique offers a layer."""
 
-    techniques: tuple[str, ...] = ("lowrank", "nm", "quant")
+    techniques: tuple[str, ...] = ("lowrank", "nm", "quant", "int8")
     keep: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # low-rank: fractions of the params
     patterns: tuple[tuple[int, int], ...] = ((2, 4), (4, 8))
     nm_method: str = "wanda"
@@ -247,6 +247,17 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                                   pricing.tune == "measure"))
             approximations[decision] = (lambda d=decision: _dequantized(weight, layer_stats, d, grid.correction))
 
+    if "int8" in grid.techniques and not is_conv:
+        from ..passes.int8_dynamic import predicted_error, quantize_rows
+
+        codes, scales = quantize_rows(weight)
+        seconds, kernel, dense_form = _price_int8(uses, weight, pricing)
+        stored = codes.numel() + scales.numel() * scales.element_size()
+        options.append(Option(Int8(), predicted_error(weight, codes, scales, layer_stats), seconds,
+                              weight.numel() * itemsize if dense_form else stored, kernel, measuring))
+        # scored end to end by its weights' rounding (the inputs' is in the option's error, a bound)
+        approximations[Int8()] = (lambda c=codes, s=scales: c.double() * s.double()[:, None])
+
     cache: dict[Decision, torch.Tensor] = {}
 
     def approximate(decision: Decision) -> torch.Tensor:
@@ -357,6 +368,18 @@ def _price_quant(uses: list, weight: torch.Tensor, bits: int, group: int, rank: 
                                                    bias=w(_bias(use, weight)), bits=bits, group=group,
                                                    in_features=in_f)
         trial, node = _trial(use, build, pricing)
+        return pricing.lowered(trial, node)
+    return _sum_over_uses(uses, price)
+
+
+def _price_int8(uses: list, weight: torch.Tensor, pricing: Pricing):
+    out_f, in_f = weight.shape
+    codes = torch.zeros(out_f, in_f, dtype=torch.int8, device=weight.device)
+    scales = torch.ones(out_f, dtype=weight.dtype, device=weight.device)
+
+    def price(use: fx.Node):
+        trial, node = _trial(use, lambda g, x, w: (INT8_LINEAR, (x, w(codes), w(scales), w(_bias(use, weight)))),
+                             pricing)
         return pricing.lowered(trial, node)
     return _sum_over_uses(uses, price)
 

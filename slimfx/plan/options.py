@@ -57,6 +57,16 @@ class Quant:
 
 
 @dataclass(frozen=True)
+class Int8:
+    """``int8-dynamic``: int8 weights per output channel x inputs quantized to int8 per row on each call (W8A8)."""
+
+    technique = "int8"
+
+    def __str__(self) -> str:
+        return "int8 W8A8"
+
+
+@dataclass(frozen=True)
 class Merge:
     """``depth-merge``: these layers (weight origins, in order) lose the activations between them and become one
     layer (or the fastest split into merged runs), as in Kim et al.'s depth compression."""
@@ -68,7 +78,7 @@ class Merge:
         return f"merged {len(self.layers)} layers: " + " + ".join(self.layers)
 
 
-Decision = Union[Dense, LowRank, Sparse, Quant, Merge]
+Decision = Union[Dense, LowRank, Sparse, Quant, Int8, Merge]
 
 
 @dataclass

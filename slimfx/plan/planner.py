@@ -19,7 +19,7 @@ from ..passes.distill import output_error, outputs_on
 from . import knapsack
 from .budget import Budget, Workload
 from .chains import Chain, Item, layer_items
-from .options import LayerOptions, LowRank, Option, Quant, Sparse
+from .options import Int8, LayerOptions, LowRank, Option, Quant, Sparse
 
 
 ROW_HEADS = ("layer", "decision", "kernel", "error", "latency us (dense)", "bytes (dense)")
@@ -317,6 +317,7 @@ def _modelled_dense(layer: LayerOptions, profile: Any, hints: dict) -> float:
 def plan_passes(plan: Plan, nm_method: str, correction: str) -> list:
     """The passes that execute ``plan``, each given its layers' decisions (``plan=``)."""
     from ..passes.factorize import Factorize
+    from ..passes.int8_dynamic import Int8Dynamic
     from ..passes.nm_sparsity import NMSparsity
     from ..passes.quant_lowrank import QuantLowRank
 
@@ -331,4 +332,7 @@ def plan_passes(plan: Plan, nm_method: str, correction: str) -> list:
         passes.append(NMSparsity(method=nm_method, plan=patterns))
     if quants:
         passes.append(QuantLowRank(quantizer="rtn", correction=correction, plan=quants))
+    int8 = sorted(k for k, o in plan.layers.items() if isinstance(o.decision, Int8))
+    if int8:
+        passes.append(Int8Dynamic(plan=int8))
     return passes

@@ -45,13 +45,15 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales.to(weight.dtype)
 
 
-def predicted_error(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, stats: LayerStats | None) -> float:
-    """Weights' rounding exactly plus the bound on the inputs' (module docstring); ||ΔW||/||W|| without data."""
+def predicted_error(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, stats: LayerStats | None,
+                    energy: float | None = None) -> float:
+    """Weights' rounding exactly plus the bound on the inputs' (module docstring); ||ΔW||/||W|| without data.
+    ``energy``: ||X Wᵀ||², where the caller has it already."""
     w = weight.detach().double()
     delta = codes.double() * scales.double()[:, None] - w
     if stats is None:
         return float(delta.norm() / w.norm().clamp_min(1e-30))
-    energy = max(quadratic(w, stats.gram), 1e-30)
+    energy = max(quadratic(w, stats.gram) if energy is None else energy, 1e-30)
     inputs = float(stats.gram.diagonal().sum()) * float(w.pow(2).sum()) / (12 * 127**2)
     return math.sqrt((max(quadratic(delta, stats.gram), 0.0) + inputs) / energy)
 

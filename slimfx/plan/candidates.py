@@ -253,7 +253,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
         codes, scales = quantize_rows(weight)
         seconds, kernel, dense_form = _price_int8(uses, weight, pricing)
         stored = codes.numel() + scales.numel() * scales.element_size()
-        options.append(Option(Int8(), predicted_error(weight, codes, scales, layer_stats), seconds,
+        options.append(Option(Int8(), predicted_error(weight, codes, scales, layer_stats, energy()), seconds,
                               weight.numel() * itemsize if dense_form else stored, kernel, measuring))
         # scored end to end by its weights' rounding (the inputs' is in the option's error, a bound)
         approximations[Int8()] = (lambda c=codes, s=scales: c.double() * s.double()[:, None])

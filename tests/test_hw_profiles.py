@@ -17,8 +17,21 @@ from slimfx.hw_profiles.cost_model import M, N, K, Kernel, conv2d, dense_linear,
 from slimfx.hw_profiles.profiles import parse_profile, to_toml
 
 
+def test_a_cpu_with_int8_dot_products_gets_the_profile_that_prices_them():
+    from slimfx.hw_profiles.profiles import builtin_cpu_profile
+
+    assert builtin_cpu_profile("flags\t\t: fpu sse avx2 fma avx512f avx512_vnni avx512_bf16\n") == "cpu-vnni"
+    assert builtin_cpu_profile("flags\t\t: fpu sse avx2 fma amx_int8\n") == "cpu-vnni"
+    assert builtin_cpu_profile("flags\t\t: fpu sse avx2 fma\nbugs\t: avx_vnni_fake\n") == "cpu-generic"
+    vnni, generic = load_profile("cpu-vnni"), load_profile("cpu-generic")
+    assert vnni.peak_tflops["int8"] == 4 * generic.peak_tflops["fp32"] and generic.peak_tflops["int8"] == \
+        generic.peak_tflops["fp32"]
+    assert dataclasses.replace(vnni, name="x", description="", peak_tflops=generic.peak_tflops, source="") == \
+        dataclasses.replace(generic, name="x", description="", source="")  # the int8 rate is the one difference
+
+
 def test_builtin_profiles_load_and_round_trip():
-    assert {"h100", "a100", "l4", "cpu-generic"} <= set(builtin_profiles())
+    assert {"h100", "a100", "l4", "cpu-generic", "cpu-vnni"} <= set(builtin_profiles())
     for name in builtin_profiles():
         profile = load_profile(name)
         assert profile.peak_tflops["fp32"] > 0 and profile.bandwidth > 0
@@ -60,7 +73,7 @@ def test_invalid_profiles_name_the_field(overrides, message):
 
 
 def test_unknown_profile_lists_the_known_ones(tmp_path):
-    with pytest.raises(ProfileError, match="known profiles: a100, cpu-generic, h100, l4"):
+    with pytest.raises(ProfileError, match="known profiles: a100, cpu-generic, cpu-vnni, h100, l4"):
         load_profile("h200")
     bad = tmp_path / "bad.toml"
     bad.write_text("name = [")

@@ -124,3 +124,54 @@ def test_the_planner_takes_int8_only_where_the_targets_int8_gemm_pays_and_the_pa
     plain = slimfx.compress(model, cal[0], calibration=cal, pipeline="plan{latency=0.8,techniques=int8|lowrank}",
                             profile="cpu-generic")
     assert not any(isinstance(o.decision, Int8) for o in plain.report.plans[0].layers.values())  # int8 at fp32's rate
+
+
+def test_half_precision_stays_finite_and_zero_rows_give_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 64)).eval().half()
+    x = torch.randn(16, 256, dtype=torch.float16) * 4
+    x[3] = 0
+    for lower in (False, True):
+        result = slimfx.compress(model, (x,), pipeline="int8-dynamic", profile="none", lower=lower)
+        y, y0 = result(x), model(x)
+        assert y.dtype == torch.float16 and torch.isfinite(y).all()  # integer products reach ~88,000 > fp16's max
+        assert ((y.float() - y0.float()).norm() / y0.float().norm()) < 0.03
+    single = nn.Linear(256, 64).eval().half()
+    for lower in (False, True):
+        result = slimfx.compress(single, (x,), pipeline="int8-dynamic", profile="none", lower=lower)
+        assert torch.equal(result(x)[3], single.bias.detach())  # a zero row: no 0/0, the bias alone
+
+
+def test_a_weight_read_by_two_layers_is_quantized_and_stored_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.a(torch.relu(self.a(x)))
+
+    result = slimfx.compress(Twice().eval(), (torch.randn(8, 64),), pipeline="int8-dynamic", profile="none")
+    assert result.report.rewrites("int8-dynamic") == {"linear": 1} and result.report.rewrites("lower") == {
+        "aten-int8-mm": 2}
+    assert result.report.weight_bytes_after == 64 * 64 + 64 * 4 + 64 * 4  # codes once, scales, bias
+
+
+def test_the_gate_prices_the_kernel_lower_can_give_and_plans_count_the_inputs_rounding():
+    model = nn.Sequential(nn.Linear(4096, 4096)).eval().to(torch.bfloat16)
+    slow = slimfx.compress(model, (torch.randn(8, 4096, dtype=torch.bfloat16),), pipeline="int8-dynamic",
+                           profile="h100")  # no int8 kernel for CUDA yet: a float GEMM on the levels, slower
+    assert slow.report.rewrites("int8-dynamic") == {"skipped-slower-on-profile": 1}
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 256)).eval()
+    cal = [(torch.randn(64, 256),) for _ in range(4)]
+    with pytest.raises(slimfx.errors.BudgetError, match=r"least output error is 0\.01"):
+        slimfx.compress(mlp, cal[0], budget={"latency": 0.6, "max_error": 0.008}, calibration=cal,
+                        profile=fast_int8_cpu())  # once accepted: scored with the weights' rounding alone (0.0048)
+    result = slimfx.compress(mlp, cal[0], budget={"latency": 0.6, "max_error": 0.02}, calibration=cal,
+                             profile=fast_int8_cpu())
+    plan = result.report.plans[0]
+    assert result.report.final_rel_error <= 0.02
+    assert plan.measured_error == pytest.approx(result.report.final_rel_error, rel=0.05)
+    with pytest.raises(slimfx.errors.PipelineError, match="use exclude="):
+        slimfx.compress(mlp, cal[0], pipeline="int8-dynamic{plan=0.weight}")

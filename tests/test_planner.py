@@ -582,13 +582,13 @@ def test_without_a_profile_the_target_is_this_machine(digits_mlp, tmp_path, monk
     never the compressed layout at 0.78x; a profile cached by `slimfx profile calibrate --save` takes over."""
     import dataclasses
 
-    from slimfx.hw_profiles.profiles import calibrated_path, load_profile, local_profile, to_toml
+    from slimfx.hw_profiles.profiles import builtin_cpu_profile, calibrated_path, load_profile, local_profile, to_toml
 
     monkeypatch.setenv("SLIMFX_CACHE", str(tmp_path))
     model, data = digits_mlp
     x = (data.test_x[:256],)
     result = slimfx.compress(model, x, pipeline="nm{method=magnitude}")
-    assert any("no profile given: priced for cpu-generic" in n for n in result.report.notes)
+    assert any(f"no profile given: priced for {builtin_cpu_profile()}" in n for n in result.report.notes)
     assert result.report.rewrites("lower") == {"dense-masked": 3}
     assert any("run dense, because every form that keeps them compressed is predicted slower" in n
                for n in result.report.notes)

@@ -292,17 +292,14 @@ def _int8_cost(int_mm: bool):
     def cost(node: fx.Node) -> list[Kernel]:
         rows, itemsize, dtype = _sizes(node)
         out_f, in_f = shape(node.args[1])
-        if int_mm:
-            return int8_linear(rows, out_f, in_f, itemsize, dtype)
-        quantize = int8_linear(rows, out_f, in_f, itemsize, dtype)[0]  # the same rows, a float GEMM on their levels
-        return [quantize, Kernel(out_f * in_f, out_f * in_f * (1 + itemsize), dtype, "elementwise"),
-                *dense_linear(rows, out_f, in_f, itemsize, dtype)]
+        return int8_linear(rows, out_f, in_f, itemsize, dtype, int_mm)
     return cost
 
 
 def _emit_int8(int_mm: bool):
     """The op's math in aten ops, so Inductor fuses the row quantization and the rescale around the GEMM: with
-    ``int_mm`` an int8 x int8 -> int32 product (aten._int_mm), else a float GEMM on the integer levels."""
+    ``int_mm`` an int8 x int8 -> int32 product (aten._int_mm), else a float GEMM on the integer levels. In float32
+    like the reference, the result cast back to the input's dtype."""
     def emit(program: Program, region: Region) -> fx.Node:
         node = region.node
         x, codes, scales, bias = node.args
@@ -310,21 +307,21 @@ def _emit_int8(int_mm: bool):
         dtype = val(node).dtype
         lead = list(val(node).shape[:-1])
         flat = _call(program, aten.reshape.default, x, [-1, in_f]) if len(lead) != 1 else x
+        flat = program.graph.call_function(aten._to_copy.default, (flat,), {"dtype": torch.float32})
         amax = _call(program, aten.amax.default, _call(program, aten.abs.default, flat), [-1], True)
         step = _call(program, aten.div.Tensor, _call(program, aten.clamp_min.default, amax, 1e-12), 127.0)
         levels = _call(program, aten.clamp.default, _call(program, aten.round.default,
                                                           _call(program, aten.div.Tensor, flat, step)), -127.0, 127.0)
-        if int_mm:
+        if int_mm:  # the codes read through a transposed view: one stored copy, however many layers share them
             ints = program.graph.call_function(aten._to_copy.default, (levels,), {"dtype": torch.int8})
-            transposed = _derived(program, codes, "t", program.tensor(codes).t().contiguous(),
-                                  "int8 codes laid out [in, out] for aten._int_mm")
-            product = program.graph.call_function(aten._to_copy.default,
-                                                  (_call(program, aten._int_mm.default, ints, transposed),),
-                                                  {"dtype": dtype})
+            product = program.graph.call_function(
+                aten._to_copy.default, (_call(program, aten._int_mm.default, ints, _call(program, aten.t.default, codes)),),
+                {"dtype": torch.float32})
         else:
-            product = _call(program, LINEAR, levels, inline(program, lambda c: c.to(dtype), [codes]))
+            product = _call(program, LINEAR, levels, inline(program, lambda c: c.float(), [codes]))
         y = _call(program, aten.mul.Tensor, product,
-                  _call(program, aten.mul.Tensor, step, inline(program, lambda s: s.to(dtype), [scales])))
+                  _call(program, aten.mul.Tensor, step, inline(program, lambda s: s.float(), [scales])))
+        y = program.graph.call_function(aten._to_copy.default, (y,), {"dtype": dtype})
         if len(lead) != 1:
             sizes = [d if isinstance(d, int) else _call(program, aten.sym_size.int, x, i) for i, d in enumerate(lead)]
             y = _call(program, aten.reshape.default, y, [*sizes, out_f])
@@ -333,8 +330,6 @@ def _emit_int8(int_mm: bool):
 
 
 def _int_mm_why_not(program: Program, node: fx.Node) -> str | None:
-    if val(node.args[0]).dtype not in (torch.float32, torch.bfloat16):
-        return "the int8 path is written for float32 and bfloat16 inputs"
     if program.tensor(node.args[1]).device.type != "cpu":
         return "the weights are not on the CPU"
     return None

@@ -115,11 +115,14 @@ def quant_linear(m=M, n=N, k=K, bits: int = 4, group_size: int = 128, rank=0, it
     return kernels
 
 
-def int8_linear(m=M, n=N, k=K, itemsize: int = 4, dtype: str = "fp32") -> list[Kernel]:
-    """W8A8: the input quantized per row (a pass over it, int8 out), then an int8 GEMM at the int8 rate."""
+def int8_linear(m=M, n=N, k=K, itemsize: int = 4, dtype: str = "fp32", int_mm: bool = True) -> list[Kernel]:
+    """W8A8: the input quantized per row (a pass over it, int8 out), then an int8 GEMM at the int8 rate, or, where
+    the target has no int8 GEMM kernel (``int_mm=False``), a float GEMM on the integer levels (codes widened)."""
     quantize = Kernel(3 * m * k, m * k * (itemsize + 1) + m * itemsize, dtype, "elementwise")
-    gemm = Kernel(2 * m * n * k, m * k + n * k + m * n * itemsize, "int8", _gemm_kind(m), n * k)
-    return [quantize, gemm]
+    if not int_mm:
+        widen = Kernel(n * k, n * k * (1 + itemsize), dtype, "elementwise")
+        return [quantize, widen, *dense_linear(m, n, k, itemsize, dtype)]
+    return [quantize, Kernel(2 * m * n * k, m * k + n * k + m * n * itemsize, "int8", _gemm_kind(m), n * k)]
 
 
 def conv2d(batch, cin, cout, h_out, w_out, kh, kw, h_in, w_in, groups: int = 1, itemsize: int = 4,

@@ -155,9 +155,21 @@ def calibrated_path(device: str | None = None) -> Path:
     return cache_dir() / "profiles" / f"local-{device}.toml"
 
 
+def builtin_cpu_profile(cpuinfo: str | None = None) -> str:
+    """cpu-vnni where the cores have int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX: an int8 GEMM then
+    runs several times the float rate), else cpu-generic; read from ``/proc/cpuinfo`` (Linux) unless given."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "cpu-generic"
+    flags = set(re.findall(r"[a-z0-9_]+", " ".join(line for line in cpuinfo.splitlines() if line.startswith("flags"))))
+    return "cpu-vnni" if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else "cpu-generic"
+
+
 def local_profile() -> Profile:
     """This machine's profile: the one ``slimfx profile calibrate`` measured and cached, if any, else the built-in
-    one for its device (a known GPU by its name, else cpu-generic)."""
+    one for its device (a known GPU by its name; on a CPU cpu-vnni or cpu-generic, ``builtin_cpu_profile``)."""
     cached = calibrated_path()
     if cached.exists():
         return load_profile(cached)
@@ -168,7 +180,7 @@ def local_profile() -> Profile:
                 return load_profile(known)
         raise ProfileError(f"no built-in profile for {torch.cuda.get_device_name()}; pass profile= (one of "
                            f"{', '.join(builtin_profiles())}, or a file from `slimfx profile calibrate`)")
-    return load_profile("cpu-generic")
+    return load_profile(builtin_cpu_profile())
 
 
 def resolve_profile(profile: Any, default_local: bool = False) -> Profile | None:

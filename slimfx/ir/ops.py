@@ -90,16 +90,23 @@ def quant_linear_args(x, packed, scales, zeros, *, bits: int, group: int, in_fea
     pricing helper cannot put the correction where the bias goes."""
     return (x, packed, scales, zeros, a, b, a_scale, b_scale, bias, bits, group, in_features)
 
+def quantize_input_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer levels in [-127, 127], step per row), in float32 whatever x's dtype: each row of x by its absolute
+    maximum. Rounding passes gradients straight through, so healing can train the layers around it."""
+    x = x.float()
+    step = x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    scaled = x / step
+    return scaled + (torch.round(scaled).clamp(-127, 127) - scaled).detach(), step
+
+
 def _int8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                            bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y = deq(Q(x)) · deq(W)ᵀ + bias, int8 on both sides (W8A8): each row of x is quantized on every call
-    (symmetric, by its absolute maximum), W per output channel (``codes`` int8 [out, in], ``scales`` [out]). The
-    integer products are exact in float32 up to 1,040 input features. Reference: quantize, GEMM, rescale; rounding
-    passes gradients straight through, so healing can train the layers around it."""
-    step = x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
-    scaled = x / step
-    levels = scaled + (torch.round(scaled).clamp(-127, 127) - scaled).detach()
-    y = F.linear(levels, codes.to(x.dtype)) * (step * scales.to(x.dtype))
+    (symmetric, by its absolute maximum), W per output channel (``codes`` int8 [out, in], ``scales`` [out]).
+    Computed in float32 (half precision would overflow on the integer products), returned in x's dtype; the
+    integer products are exact in float32 up to 1,040 input features. Reference: quantize, GEMM, rescale."""
+    levels, step = quantize_input_rows(x)
+    y = (F.linear(levels, codes.float()) * (step * scales.float())).to(x.dtype)
     return y if bias is None else y + bias
 
 

@@ -62,6 +62,7 @@ class Heal(Pass):
         batches, reference = ctx.reference
         targets = healable(program)
         if not targets:
+            ctx.note("heal: nothing to train (no low-rank factors, kept N:M values, corrections or merged layers)")
             return Counter({"unchanged": 0})
         if self.loss == "kl":
             check_logits(reference[0][0] if reference and reference[0] else None)

@@ -29,15 +29,6 @@ from .calibration import LayerStats, require_stats
 from .lowrank import quadratic
 
 
-@dataclass(frozen=True)
-class Int8Candidate:
-    """The layer in W8A8, for the planner: its predicted relative output error, latency and bytes."""
-
-    rel_error: float
-    latency_s: float | None
-    bytes: int
-
-
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes, scales in the weight's dtype): symmetric per output channel, by each row's absolute maximum."""
     scales = weight.detach().abs().amax(1).clamp_min(1e-12) / 127
@@ -59,20 +50,13 @@ def predicted_error(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
 
 
 def layer_latencies(node: fx.Node, profile, hints: dict) -> tuple[float, float]:
-    """(dense, W8A8) seconds of one linear on the profile."""
+    """(dense, W8A8) seconds of one linear on the profile, W8A8 as ``lower`` can run it there: an int8 GEMM on a
+    CPU, a float GEMM on the integer levels elsewhere (no int8 kernel is registered for CUDA yet)."""
     x, (out_f, in_f) = node.args[0], shape(node.args[1])
     rows, itemsize, dtype = numel(shape(x)[:-1]), x.meta["val"].element_size(), dtype_name(x)
     dense = latency(dense_linear(rows, out_f, in_f, itemsize, dtype), profile)
-    return concrete(dense, hints), concrete(latency(int8_linear(rows, out_f, in_f, itemsize, dtype), profile), hints)
-
-
-def int8_candidate(program: Program, node: fx.Node, stats=None, profile=None) -> Int8Candidate:
-    weight = program.tensor(node.args[1])
-    layer_stats = stats.get(program.weights[node.args[1].target].origin, weight.shape[1]) if stats is not None else None
-    codes, scales = quantize_rows(weight)
-    seconds = layer_latencies(node, profile, size_hints(program.graph))[1] if profile is not None else None
-    return Int8Candidate(predicted_error(weight, codes, scales, layer_stats), seconds,
-                         codes.numel() + scales.numel() * scales.element_size())
+    int8 = latency(int8_linear(rows, out_f, in_f, itemsize, dtype, int_mm=profile.device == "cpu"), profile)
+    return concrete(dense, hints), concrete(int8, hints)
 
 
 @register
@@ -86,6 +70,9 @@ class Int8Dynamic(Pass):
 
     def validate(self) -> None:
         self.check_regex("exclude")
+        if self.plan is not None and not isinstance(self.plan, (list, tuple, set)):
+            raise self.invalid("plan", "is the planner's list of layers (compress(..., budget=...)); to choose "
+                                       "layers in a pipeline, use exclude=")
 
     def run(self, program: Program, ctx: PassContext) -> Counter:
         counts: Counter = Counter()

@@ -255,7 +255,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
         stored = codes.numel() + scales.numel() * scales.element_size()
         options.append(Option(Int8(), predicted_error(weight, codes, scales, layer_stats, energy()), seconds,
                               weight.numel() * itemsize if dense_form else stored, kernel, measuring))
-        # scored end to end by its weights' rounding (the inputs' is in the option's error, a bound)
+        # scored end to end with the inputs rounded as well (plan.chains._with_weight)
         approximations[Int8()] = (lambda c=codes, s=scales: c.double() * s.double()[:, None])
 
     cache: dict[Decision, torch.Tensor] = {}

@@ -17,6 +17,7 @@ import torch
 
 from ..hw_profiles.cost_model import latency as kernels_latency
 from ..hw_profiles.op_costs import concrete, node_kernels
+from ..ir.ops import quantize_input_rows
 from ..passes.depth_dp import Block
 from ..passes.depth_spans import merged_numel
 from .options import LayerOptions, Merge, Option
@@ -44,13 +45,18 @@ def _weight_override(layer: LayerOptions, option: Option) -> Callable[[], dict]:
         if option.decision.technique == "dense":
             return {}
         weight = layer.approximate(option.decision)
-        return {use: _with_weight(weight) for use in layer.uses}
+        rows_in_int8 = option.decision.technique == "int8"  # W8A8 rounds the layer's inputs too
+        return {use: _with_weight(weight, rows_in_int8) for use in layer.uses}
     return overrides
 
 
-def _with_weight(weight: torch.Tensor):
+def _with_weight(weight: torch.Tensor, rows_in_int8: bool = False):
     def run(node, args: tuple, kwargs: dict):
-        return node.target(args[0], weight, *args[2:], **kwargs)
+        x = args[0]
+        if rows_in_int8:
+            levels, step = quantize_input_rows(x)
+            x = (levels * step).to(x.dtype)
+        return node.target(x, weight, *args[2:], **kwargs)
     return run
 
 

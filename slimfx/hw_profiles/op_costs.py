@@ -124,6 +124,10 @@ def node_kernels(node: fx.Node) -> list[Kernel] | None:
     """Kernels for a node, or None for nodes that launch nothing (inputs, weights, non-tensor results)."""
     if node.op not in ("call_function", "call_method") or not isinstance(node.meta.get("val"), torch.Tensor):
         return None
+    if "slimfx_lowered_cost" in node.meta:  # the result of a lowered layer: priced as the kernel lower chose
+        return node.meta["slimfx_lowered_cost"]
+    if "slimfx_lowered_as" in node.meta:  # ... whose other ops that price covers
+        return [Kernel(sympy.Integer(0), sympy.Integer(0), "fp32", "view")]
     rule = COST_RULES.get(node.target) if node.op == "call_function" else None
     if rule is not None and all(isinstance(a.meta.get("val"), torch.Tensor) for a in node.all_input_nodes):
         return rule(node)

@@ -93,9 +93,10 @@ class Lower(Pass):
                      "compression then saves memory only in the canonical model (compress(..., lower=False)); "
                      "lower{storage=compressed} keeps it at that speed")
         replaced: dict = {}  # node -> what now computes its value (an extra may be an earlier layer's output)
-        for region, priced in decisions:
+        chosen_costs = {region.node: priced[0][1].cost(region.node) for region, priced in decisions}  # (all
+        for region, priced in decisions:  # nodes still have their metadata here)
             region = dataclasses.replace(region, extras=tuple(replaced.get(e, e) for e in region.extras))
-            old, new = self._emit(program, region, priced[0][1])
+            old, new = self._emit(program, region, priced[0][1], chosen_costs[region.node])
             replaced[old] = new
             counts[priced[0][1].name] += 1
         program.graph.eliminate_dead_code()
@@ -143,11 +144,18 @@ class Lower(Pass):
         return concrete(latency(kernels, profile), hints)
 
     @staticmethod
-    def _emit(program: Program, region: Region, impl: Impl) -> tuple[fx.Node, fx.Node]:
+    def _emit(program: Program, region: Region, impl: Impl, kernels: list) -> tuple[fx.Node, fx.Node]:
         replaced = region.last if impl.fuses_epilogue else region.node
+        before = set(program.graph.nodes)
         with program.graph.inserting_before(replaced):
             new = impl.emit(program, region)
         program.annotations(new).update({**program.annotations(region.node), "kernel": impl.name})
+        # the report prices the emitted ops as the kernel they were chosen as (Inductor fuses a dozen pointwise
+        # aten ops around an int8 GEMM into one pass; priced one by one they would cost a launch each)
+        for node in program.graph.nodes:
+            if node not in before and node.op == "call_function":
+                node.meta["slimfx_lowered_as"] = impl.name
+        new.meta["slimfx_lowered_cost"] = kernels
         replaced.replace_all_uses_with(new)
         for node in reversed(region.chain if impl.fuses_epilogue else ()):
             program.graph.erase_node(node)
@@ -210,7 +218,7 @@ def _measured(program: Program, region: Region, impl: Impl | None, hints: dict |
 
     def time_it() -> float:
         if impl is not None:
-            Lower._emit(sub, sub_region, impl)
+            Lower._emit(sub, sub_region, impl, [])
         sub.gm.recompile()
         compiled = torch.compile(sub.gm, dynamic=False)
         with torch.no_grad():

@@ -247,7 +247,9 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                                   pricing.tune == "measure"))
             approximations[decision] = (lambda d=decision: _dequantized(weight, layer_stats, d, grid.correction))
 
-    if "int8" in grid.techniques and not is_conv:
+    # W8A8 adds a pass over the inputs to the GEMM: where int8 multiplies no faster than float it cannot pay
+    int8_rate = pricing.profile.peak_tflops.get("int8", 0.0) > pricing.profile.peak_tflops["fp32"]
+    if "int8" in grid.techniques and not is_conv and (int8_rate or measuring):
         from ..passes.int8_dynamic import predicted_error, quantize_rows
 
         codes, scales = quantize_rows(weight)

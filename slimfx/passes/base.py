@@ -104,6 +104,23 @@ def claim_uses(pass_name: str, program: Program, layer: Any, kinds: tuple[str, .
     return None
 
 
+def claimed_layers(pass_: Any, program: Program, ctx: "PassContext", counts: Counter, targets: tuple,
+                   kinds: tuple[str, ...], describe: str = "") -> typing.Iterator[tuple[Any, str, list]]:
+    """(layer, origin, uses) for each weight a lossy pass may rewrite: the first layer reading it among ``targets``,
+    not matching the pass's ``exclude``, in its ``plan`` when the planner gave one, and claimable (``claim_uses``
+    records why not). ``describe``: a progress bar's label."""
+    from ..progress import progress
+
+    layers = first_use_of_each_weight(program, targets)
+    for node in progress(layers, describe) if describe else layers:
+        origin = program.weights[node.args[1].target].origin
+        if (pass_.exclude and re.search(pass_.exclude, origin)) or (pass_.plan is not None and origin not in pass_.plan):
+            continue
+        uses = claim_uses(pass_.name, program, node, kinds, ctx, counts)
+        if uses is not None:
+            yield node, origin, uses
+
+
 def refusal(program: Program, layer: Any, kinds: tuple[str, ...]) -> str | None:
     """Why a lossy pass must not touch this layer's weight, or None: it is not a trained weight, or an earlier
     pass gave it a property (``kinds`` of constraints) this pass would destroy."""

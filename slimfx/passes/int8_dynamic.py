@@ -12,7 +12,6 @@ close to it, evenly spread rows stay far below).
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
@@ -24,7 +23,7 @@ from ..hw_profiles.cost_model import dense_linear, int8_linear, latency
 from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hints
 from ..ir.ops import INT8_LINEAR
 from ..ir.program import LINEAR, Constraint, Program
-from .base import Pass, PassContext, claim_uses, first_use_of_each_weight, register, replace_each
+from .base import Pass, PassContext, claimed_layers, register, replace_each
 from .calibration import LayerStats, require_stats
 from .lowrank import quadratic
 
@@ -78,13 +77,8 @@ class Int8Dynamic(Pass):
         counts: Counter = Counter()
         stats = require_stats(program, ctx, False, "int8-dynamic", "")
         hints = size_hints(program.graph)
-        for node in first_use_of_each_weight(program, (LINEAR,)):  # a weight is decided once for all its layers
-            origin = program.weights[node.args[1].target].origin
-            if (self.exclude and re.search(self.exclude, origin)) or (self.plan is not None and origin not in self.plan):
-                continue
-            uses = claim_uses(self.name, program, node, ("nm-mask", "quantized", "factorized"), ctx, counts)
-            if uses is None:
-                continue
+        for node, origin, uses in claimed_layers(self, program, ctx, counts, (LINEAR,),
+                                                 ("nm-mask", "quantized", "factorized")):
             if ctx.profile is not None and self.plan is None:  # a planned choice was priced already
                 dense_s, int8_s = layer_latencies(node, ctx.profile, hints)
                 if int8_s >= dense_s:

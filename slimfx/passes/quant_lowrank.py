@@ -15,7 +15,6 @@ The result is ``slimfx.quant_linear`` with the codes packed (eight codes in ``bi
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -29,8 +28,7 @@ from ..hw_profiles.op_costs import concrete, dtype_name, numel, shape, size_hint
 from ..ir.ops import QUANT_LINEAR, quant_linear_args
 from ..ir.program import LINEAR, Constraint, Program
 from ..ir.quant_format import BITS, GroupParams, dequantize, pack
-from ..progress import progress
-from .base import Pass, PassContext, claim_uses, first_use_of_each_weight, register, replace_each
+from .base import Pass, PassContext, claimed_layers, register, replace_each
 from .calibration import LayerStats, require_stats
 from .lowrank import LowRankFactors, factorize_matrix, quadratic
 from .quantizers import gptq, rtn
@@ -110,13 +108,8 @@ class QuantLowRank(Pass):
         stats = require_stats(program, ctx, self.needs_data, f"quant-lowrank{{quantizer={self.quantizer},"
                               f"correction={self.correction}}}", "quantizer=rtn with correction=none or alternate")
         hints = size_hints(program.graph)
-        for node in progress(first_use_of_each_weight(program, (LINEAR,)), "quant-lowrank layers"):
-            origin = program.weights[node.args[1].target].origin
-            if (self.exclude and re.search(self.exclude, origin)) or (self.plan is not None and origin not in self.plan):
-                continue
-            uses = claim_uses(self.name, program, node, ("nm-mask", "quantized", "factorized"), ctx, counts)
-            if uses is None:
-                continue
+        for node, origin, uses in claimed_layers(self, program, ctx, counts, (LINEAR,),
+                                                 ("nm-mask", "quantized", "factorized"), "quant-lowrank layers"):
             weight = program.tensor(node.args[1])
             bits, group, rank = self._choice(origin, weight.shape)
             layer_stats = stats.get(origin, weight.shape[1]) if stats is not None else None

@@ -75,7 +75,9 @@ def main() -> None:
                     compiled(*subject.measure_input)  # plans and compiles now, so errors show here
                 runners[name], quality[name] = compiled, subject.quality(compiled)
             except Exception as exc:  # noqa: BLE001 - an unreachable budget is a line of output
-                print(f"{subject.name} {name}: {type(exc).__name__}: {str(exc).splitlines()[-1][:160]}")
+                lines = str(exc).splitlines()  # Dynamo wraps the backend's error: its own line names it
+                print(f"{subject.name} {name}: {type(exc).__name__}: "
+                      f"{next((l for l in lines if 'Error: ' in l), lines[-1] if lines else '')[:200]}")
             name = f"compress latency={budget}"
             try:
                 start = time.perf_counter()

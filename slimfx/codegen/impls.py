@@ -52,6 +52,26 @@ def _add_bias(program: Program, y: fx.Node, bias) -> fx.Node:
     return y if bias is None else _call(program, aten.add.Tensor, y, bias)
 
 
+def _cast(program: Program, x: fx.Node, dtype: torch.dtype) -> fx.Node:
+    return program.graph.call_function(aten._to_copy.default, (x,), {"dtype": dtype})
+
+
+def _as_rows(program: Program, node: fx.Node, in_f: int) -> fx.Node:
+    """The compressed node's input as a 2-D [rows, in_f] matrix (what torch's int kernels take)."""
+    x = node.args[0]
+    return x if val(node).dim() == 2 else _call(program, aten.reshape.default, x, [-1, in_f])
+
+
+def _from_rows(program: Program, node: fx.Node, y: fx.Node, out_f: int) -> fx.Node:
+    """``y`` [rows, out_f] back in the compressed node's leading sizes (symbolic ones read from its input)."""
+    lead = list(val(node).shape[:-1])
+    if len(lead) == 1:
+        return y
+    x = node.args[0]
+    sizes = [d if isinstance(d, int) else _call(program, aten.sym_size.int, x, i) for i, d in enumerate(lead)]
+    return _call(program, aten.reshape.default, y, [*sizes, out_f])
+
+
 def _correction(program: Program, region: Region, y: fx.Node) -> fx.Node:
     """quant_linear's low-rank correction as two linears, int8 factors dequantized once into the input's dtype."""
     node = region.node
@@ -176,13 +196,10 @@ def _emit_int4pack(program: Program, region: Region) -> fx.Node:
     weight = _derived(program, packed, "int4pack", aten._convert_weight_to_int4pack_for_cpu(codes, 2),
                       "torch int4 CPU layout")
     sz = _derived(program, scales, "int4pack_sz", scales_and_zeros, "torch int4 scales and zero points")
-    lead = list(val(node).shape[:-1])
-    flat = _call(program, aten.reshape.default, x, [-1, in_f]) if len(lead) != 1 else x
-    flat = program.graph.call_function(aten.clone.default, (flat,), {"memory_format": torch.contiguous_format})
+    flat = program.graph.call_function(aten.clone.default, (_as_rows(program, node, in_f),),
+                                       {"memory_format": torch.contiguous_format})
     y = _call(program, aten._weight_int4pack_mm_for_cpu.default, flat, weight, group, sz)
-    if len(lead) != 1:
-        sizes = [d if isinstance(d, int) else _call(program, aten.sym_size.int, x, i) for i, d in enumerate(lead)]
-        y = _call(program, aten.reshape.default, y, [*sizes, val(packed).shape[0]])
+    y = _from_rows(program, node, y, val(packed).shape[0])
     return _add_bias(program, _correction(program, region, y), node.args[8])
 
 
@@ -302,29 +319,22 @@ def _emit_int8(int_mm: bool):
     like the reference, the result cast back to the input's dtype."""
     def emit(program: Program, region: Region) -> fx.Node:
         node = region.node
-        x, codes, scales, bias = node.args
+        codes, scales, bias = node.args[1:]
         out_f, in_f = val(codes).shape
-        dtype = val(node).dtype
-        lead = list(val(node).shape[:-1])
-        flat = _call(program, aten.reshape.default, x, [-1, in_f]) if len(lead) != 1 else x
-        flat = program.graph.call_function(aten._to_copy.default, (flat,), {"dtype": torch.float32})
+        flat = _cast(program, _as_rows(program, node, in_f), torch.float32)
         amax = _call(program, aten.amax.default, _call(program, aten.abs.default, flat), [-1], True)
         step = _call(program, aten.div.Tensor, _call(program, aten.clamp_min.default, amax, 1e-12), 127.0)
         levels = _call(program, aten.clamp.default, _call(program, aten.round.default,
                                                           _call(program, aten.div.Tensor, flat, step)), -127.0, 127.0)
         if int_mm:  # the codes read through a transposed view: one stored copy, however many layers share them
-            ints = program.graph.call_function(aten._to_copy.default, (levels,), {"dtype": torch.int8})
-            product = program.graph.call_function(
-                aten._to_copy.default, (_call(program, aten._int_mm.default, ints, _call(program, aten.t.default, codes)),),
-                {"dtype": torch.float32})
+            product = _call(program, aten._int_mm.default, _cast(program, levels, torch.int8),
+                            _call(program, aten.t.default, codes))
+            product = _cast(program, product, torch.float32)
         else:
             product = _call(program, LINEAR, levels, inline(program, lambda c: c.float(), [codes]))
         y = _call(program, aten.mul.Tensor, product,
                   _call(program, aten.mul.Tensor, step, inline(program, lambda s: s.float(), [scales])))
-        y = program.graph.call_function(aten._to_copy.default, (y,), {"dtype": dtype})
-        if len(lead) != 1:
-            sizes = [d if isinstance(d, int) else _call(program, aten.sym_size.int, x, i) for i, d in enumerate(lead)]
-            y = _call(program, aten.reshape.default, y, [*sizes, out_f])
+        y = _from_rows(program, node, _cast(program, y, val(node).dtype), out_f)
         return _add_bias(program, y, bias)
     return emit
 

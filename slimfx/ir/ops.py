@@ -90,6 +90,7 @@ def quant_linear_args(x, packed, scales, zeros, *, bits: int, group: int, in_fea
     pricing helper cannot put the correction where the bias goes."""
     return (x, packed, scales, zeros, a, b, a_scale, b_scale, bias, bits, group, in_features)
 
+
 def quantize_input_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(integer levels in [-127, 127], step per row), in float32 whatever x's dtype: each row of x by its absolute
     maximum. Rounding passes gradients straight through, so healing can train the layers around it."""

@@ -4,7 +4,8 @@ its absolute maximum). Where the target multiplies int8 faster than float (an in
 cores) the layer gets faster, not just smaller; the cost model prices that at the profile's int8 rate, and a layer
 is left dense where the target would run it slower.
 
-Predicted error (``rel_error`` of each candidate, relative to the layer's output on the calibration data): the
+Predicted error (``predicted_error``, the planner's option error too; relative to the layer's output on the
+calibration data): the
 weights' rounding exactly, ||X ΔWᵀ||, plus a bound on the inputs' rounding: a row's step is at most its norm/127,
 so the rounding adds at most tr(XᵀX)·||W||²/(12·127²) to the squared error (an upper bound: rows with outliers come
 close to it, evenly spread rows stay far below).

@@ -146,15 +146,17 @@ class Lower(Pass):
     @staticmethod
     def _emit(program: Program, region: Region, impl: Impl, kernels: list) -> tuple[fx.Node, fx.Node]:
         replaced = region.last if impl.fuses_epilogue else region.node
-        before = set(program.graph.nodes)
+        anchor = replaced.prev
         with program.graph.inserting_before(replaced):
             new = impl.emit(program, region)
         program.annotations(new).update({**program.annotations(region.node), "kernel": impl.name})
         # the report prices the emitted ops as the kernel they were chosen as (Inductor fuses a dozen pointwise
         # aten ops around an int8 GEMM into one pass; priced one by one they would cost a launch each)
-        for node in program.graph.nodes:
-            if node not in before and node.op == "call_function":
+        node = anchor.next
+        while node is not replaced:  # what emit inserted, and only that
+            if node.op == "call_function":
                 node.meta["slimfx_lowered_as"] = impl.name
+            node = node.next
         new.meta["slimfx_lowered_cost"] = kernels
         replaced.replace_all_uses_with(new)
         for node in reversed(region.chain if impl.fuses_epilogue else ()):

@@ -233,7 +233,7 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
             error = output_error(pruned - weight, weight, layer_stats, energy())
             seconds, kernel, dense_form, stored = _price_nm(uses, weight, n, m, pricing)
             options.append(Option(Sparse(n, m), error, seconds, weight.numel() * itemsize if dense_form else stored,
-                                  kernel, pricing.tune == "measure"))
+                                  kernel, measuring))
             approximations[Sparse(n, m)] = (lambda p=pruned: p)
 
     if "quant" in grid.techniques and not is_conv:
@@ -243,13 +243,12 @@ def _options(program: Program, node: fx.Node, uses: list, origin: str, layer_sta
                                                        pricing)
             decision = Quant(cand.bits, cand.group, cand.rank)
             options.append(Option(decision, cand.rel_error, seconds,
-                                  weight.numel() * itemsize if dense_form else cand.bytes, kernel,
-                                  pricing.tune == "measure"))
+                                  weight.numel() * itemsize if dense_form else cand.bytes, kernel, measuring))
             approximations[decision] = (lambda d=decision: _dequantized(weight, layer_stats, d, grid.correction))
 
     # W8A8 adds a pass over the inputs to the GEMM: where int8 multiplies no faster than float it cannot pay
-    int8_rate = pricing.profile.peak_tflops.get("int8", 0.0) > pricing.profile.peak_tflops["fp32"]
-    if "int8" in grid.techniques and not is_conv and (int8_rate or measuring):
+    int8_pays = pricing.profile.peak_flops("int8") > pricing.profile.peak_flops("fp32")
+    if "int8" in grid.techniques and not is_conv and (int8_pays or measuring):
         from ..passes.int8_dynamic import predicted_error, quantize_rows
 
         codes, scales = quantize_rows(weight)
